@@ -1,0 +1,1 @@
+"""Pure tensor functions: no model knowledge, no hooks. Every function documents its tensor shapes."""

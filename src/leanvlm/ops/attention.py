@@ -1,0 +1,73 @@
+"""Attention scores recomputed from queries and keys, in query chunks, in float32.
+
+The model's own attention kernel (sdpa, flash) never materialises probabilities, so methods that rank
+tokens by attention recompute the rows they need here. Masking is expressed by token positions instead of
+an N x N mask so that memory stays O(chunk * N) per head:
+
+    query i may attend key j  <=>  key_valid[j] and key_pos[j] <= query_pos[i]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def expand_kv_heads(keys: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Repeat grouped key/value heads. [B, Hkv, N, d] -> [B, num_heads, N, d]."""
+    groups = num_heads // keys.shape[1]
+    return keys if groups == 1 else keys.repeat_interleave(groups, dim=1)
+
+
+def attention_probability_chunks(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    key_valid: torch.Tensor,
+    scale: float,
+    chunk_size: int = 512,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (start, probs) for consecutive query chunks; probs is float32 [B, H, chunk, Nk].
+
+    queries [B, H, Nq, d], keys [B, Hkv, Nk, d] (RoPE already applied), query_pos [B, Nq],
+    key_pos [B, Nk], key_valid [B, Nk] bool. A query row with no allowed key (a padding slot) gets all
+    zeros instead of NaN.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    keys = expand_kv_heads(keys, queries.shape[1]).float()
+    for start in range(0, queries.shape[2], chunk_size):
+        q = queries[:, :, start : start + chunk_size].float()
+        logits = torch.matmul(q, keys.transpose(-1, -2)) * scale  # [B, H, c, Nk]
+        allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= query_pos[:, start : start + chunk_size, None])
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        yield start, torch.nan_to_num(probs, nan=0.0)
+
+
+def received_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    key_valid: torch.Tensor,
+    scale: float,
+    query_valid: torch.Tensor | None = None,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """Attention each key receives, averaged over heads and over the valid queries. -> float32 [B, Nk].
+
+    Shapes as in `attention_probability_chunks`; query_valid [B, Nq] bool (default: all valid).
+    FastV uses one query (the last token); text-relevance methods use the question's tokens.
+    """
+    batch, _, num_queries, _ = queries.shape
+    if query_valid is None:
+        query_valid = torch.ones(batch, num_queries, dtype=torch.bool, device=queries.device)
+    total = torch.zeros(batch, keys.shape[2], dtype=torch.float32, device=queries.device)
+    for start, probs in attention_probability_chunks(queries, keys, query_pos, key_pos, key_valid, scale, chunk_size):
+        weight = query_valid[:, start : start + probs.shape[2]].float()  # [B, c]
+        total += torch.einsum("bhqk,bq->bk", probs, weight)
+    num_valid = query_valid.sum(dim=1).clamp(min=1).float() * queries.shape[1]
+    return total / num_valid[:, None]
