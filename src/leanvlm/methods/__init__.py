@@ -1,0 +1,6 @@
+"""One file per method; each is a small dataclass composed of stages (see `base`)."""
+
+from leanvlm.methods.base import Compose, LLMStage, Method, PreLLMStage, Selection
+from leanvlm.methods.fastv import FastV
+
+__all__ = ["Compose", "FastV", "LLMStage", "Method", "PreLLMStage", "Selection"]

@@ -1,0 +1,26 @@
+"""One adapter per model family; `get_adapter` picks it for a model instance."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from leanvlm.models.base import ModelAdapter
+from leanvlm.models.llava import LlavaAdapter
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter,)
+
+
+def supported_models() -> list[str]:
+    """Class names of the transformers models leanvlm can apply methods to."""
+    return [name for adapter in ADAPTERS for name in adapter.model_classes]
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for this model instance; ValueError listing the supported classes otherwise."""
+    name = type(model).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.model_classes:
+            return adapter(model)
+    raise ValueError(
+        f"leanvlm does not support {name}; supported model classes: {', '.join(supported_models())}"
+    )

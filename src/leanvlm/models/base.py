@@ -1,0 +1,127 @@
+"""The boundary between the runtime and a model family.
+
+An adapter answers, for one model instance: where the LLM's decoder layers are, which token ids are
+visual placeholders, how a layer's q/k are formed (RoPE flavour), how positions are gathered, how the
+vision tower's features come out per image / frame, and how the LLM input is rebuilt after a pre-LLM
+stage changed the token count. Everything family-specific lives in one adapter file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from leanvlm.ops.select import gather_slots
+from leanvlm.runtime.visual import ShrunkSequence, VisualItem
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [..., d]: (x1, x2) -> (-x2, x1), the standard RoPE pairing of HF Llama-style models."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ModelAdapter(ABC):
+    """Base adapter: Llama/Qwen2-style decoder layers with 1-D RoPE passed as (cos, sin) [B, N, d]."""
+
+    #: class names of the transformers models this adapter supports
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: family name used in the support matrix and error messages
+    family: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- where things are -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def multimodal_module(self) -> nn.Module:
+        """The module whose forward receives input_ids + pixel inputs and calls the LLM (hooked first)."""
+
+    @property
+    @abstractmethod
+    def text_model(self) -> nn.Module:
+        """The LLM backbone (embeddings + decoder layers + final norm)."""
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()
+
+    @property
+    @abstractmethod
+    def visual_token_ids(self) -> list[int]:
+        """Token ids that mark visual placeholders in input_ids."""
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = getattr(self.text_config, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
+
+    # --- attention ----------------------------------------------------------------------------------
+    def query_key(
+        self, attn: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        rows: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Recompute a layer's post-RoPE q (for slot index rows [B, R], None = all) and k (all slots).
+
+        hidden [B, N, D] is the attention module's input (after the input norm).
+        -> q [B, H, R, d], k [B, Hkv, N, d], scale.
+        """
+        head_dim = attn.head_dim
+        cos, sin = (t.expand(hidden.shape[0], *t.shape[1:]) for t in position_embeddings)
+        q_in, q_cos, q_sin = hidden, cos, sin
+        if rows is not None:
+            q_in, q_cos, q_sin = (gather_slots(t, rows, fill=None) for t in (hidden, cos, sin))
+        queries = attn.q_proj(q_in).unflatten(-1, (-1, head_dim))
+        keys = attn.k_proj(hidden).unflatten(-1, (-1, head_dim))
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms come before RoPE
+            queries, keys = attn.q_norm(queries), attn.k_norm(keys)
+        queries, keys = queries.transpose(1, 2), keys.transpose(1, 2)  # [B, heads, N, d]
+        queries = queries * q_cos[:, None] + rotate_half(queries) * q_sin[:, None]
+        keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
+        return queries, keys, float(attn.scaling)
+
+    def gather_position_embeddings(self, position_embeddings: Any, index: torch.Tensor) -> Any:
+        """Keep the RoPE (cos, sin) [B, N, d] of the slots in index [B, N'] (original positions kept)."""
+        return tuple(gather_slots(t, index, fill=None) for t in position_embeddings)
+
+    def gather_position_ids(self, position_ids: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+        """position_ids [B or 1, N] -> [B, N'] for the slots in index."""
+        return None if position_ids is None else gather_slots(position_ids, index, fill=None)
+
+    # --- pre-LLM -------------------------------------------------------------------------------------
+    def has_visual_input(self, kwargs: dict[str, Any]) -> bool:
+        """Whether this forward carries pixels to encode (a prefill with images/videos)."""
+        return kwargs.get("pixel_values") is not None
+
+    @abstractmethod
+    def encode_visual(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
+        """Run the vision tower + projector for this forward's pixels; one VisualItem per image/video, in the
+        order their placeholders appear in input_ids (row-major). `needs`: vision signals to capture."""
+
+    @abstractmethod
+    def rebuild_inputs(self, kwargs: dict[str, Any], items: list[VisualItem]) -> tuple[dict[str, Any], ShrunkSequence | None]:
+        """Return forward kwargs that feed the reduced items to the LLM (sequence shrunk accordingly), and
+        the shrink record (None if no token was removed)."""
+
+    def decode_inputs(self, kwargs: dict[str, Any], shrunk: ShrunkSequence, prompt_length: int) -> dict[str, Any]:
+        """Fix a cached decode step's kwargs after a pre-LLM shrink: the caller's attention mask and position
+        ids still count the original prompt length `prompt_length`."""
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            kwargs["attention_mask"] = torch.cat([shrunk.attention_mask.to(mask.dtype), mask[:, prompt_length:]], dim=1)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids - shrunk.removed.to(position_ids.device)[:, None]
+        return kwargs

@@ -1,0 +1,72 @@
+"""LLaVA-1.5 architecture (`LlavaForConditionalGeneration`): one square patch grid per image, no CLS or
+newline tokens in the LLM sequence, 1-D RoPE text models (Llama, Qwen2, ...)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from leanvlm.models.base import ModelAdapter
+from leanvlm.runtime.visual import ShrunkSequence, VisualItem, shrink_placeholders
+
+
+class LlavaAdapter(ModelAdapter):
+    model_classes = ("LlavaForConditionalGeneration",)
+    family = "llava"
+
+    @property
+    def multimodal_module(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def visual_token_ids(self) -> list[int]:
+        return [int(self.model.config.image_token_id)]
+
+    def encode_visual(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
+        input_ids = kwargs["input_ids"]
+        features = self.multimodal_module.get_image_features(
+            pixel_values=kwargs["pixel_values"],
+            vision_feature_layer=kwargs.get("vision_feature_layer"),
+            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+            image_sizes=kwargs.get("image_sizes"),
+            return_dict=True,
+        ).pooler_output  # list of [T, C], one per image
+        # Which batch row each image belongs to: images fill the placeholder runs in row-major order.
+        placeholder = input_ids == self.visual_token_ids[0]
+        row_of_token = placeholder.nonzero()[:, 0]
+        items, start = [], 0
+        for image in features:
+            side = math.isqrt(image.shape[0])
+            grid = (side, side) if side * side == image.shape[0] else (1, image.shape[0])
+            sample = int(row_of_token[start]) if start < row_of_token.numel() else 0
+            items.append(VisualItem.from_frames(image[None], grid, sample))
+            start += image.shape[0]
+        return items
+
+    def rebuild_inputs(self, kwargs: dict[str, Any], items: list[VisualItem]) -> tuple[dict[str, Any], ShrunkSequence | None]:
+        features = [torch.cat(item.frames, dim=0) for item in items]
+        old_counts = [item.grid[0] * item.grid[1] * len(item.frames) for item in items]
+        new_counts = [f.shape[0] for f in features]
+        kwargs = dict(kwargs)
+        kwargs["pixel_values"] = None
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        if new_counts == old_counts:
+            return kwargs, None
+        input_ids = kwargs["input_ids"]
+        shrunk = shrink_placeholders(
+            input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"),
+            input_ids == self.visual_token_ids[0], old_counts, new_counts, self.pad_token_id,
+        )
+        kwargs["input_ids"] = shrunk.input_ids
+        kwargs["attention_mask"] = shrunk.attention_mask
+        if shrunk.position_ids is not None:
+            kwargs["position_ids"] = shrunk.position_ids
+        return kwargs, shrunk

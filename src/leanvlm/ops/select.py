@@ -1,0 +1,59 @@
+"""Per-sample top-k selection that keeps original order, and the slot bookkeeping around it.
+
+Samples of a batch may keep different numbers of tokens. The kept slots of every sample are packed to the
+right of a common length and the free slots on the left hold the filler index -1 (the same place left
+padding lives), so the last position of every row stays the sample's last real token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FILLER = -1
+
+
+def pack_right(keep: torch.Tensor) -> torch.Tensor:
+    """Indices of the True entries of each row, ascending, right-aligned, -1 on the left.
+
+    keep [B, N] bool -> index [B, max_count] long.
+    """
+    batch, length = keep.shape
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if batch else 0
+    arange = torch.arange(length, device=keep.device)
+    # Kept slots sort first (ascending index), the rest after them.
+    order = torch.sort(torch.where(keep, arange, arange + length), dim=1).values
+    column = torch.arange(width, device=keep.device)
+    first = width - counts  # [B]: first column holding a kept slot
+    source = (column[None, :] - first[:, None]).clamp(min=0)
+    index = torch.gather(order, 1, source.clamp(max=max(length - 1, 0))) if width else order[:, :0]
+    return torch.where(column[None, :] >= first[:, None], index, torch.full_like(index, FILLER))
+
+
+def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, keep_count: torch.Tensor) -> torch.Tensor:
+    """Mark the keep_count[b] highest-scoring candidates of every row.
+
+    scores [B, N] float, candidates [B, N] bool, keep_count [B] long -> [B, N] bool (True = kept
+    candidate; never True outside the candidates). Ties go to the earlier position, so the choice is
+    deterministic.
+    """
+    masked = scores.float().masked_fill(~candidates, float("-inf"))
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return candidates & (rank < keep_count[:, None])
+
+
+def gather_slots(values: torch.Tensor, index: torch.Tensor, fill: float | bool | None = 0) -> torch.Tensor:
+    """Gather dimension 1 by a [B, M] slot index; -1 entries become `fill` (None: leave slot 0's value).
+
+    values [B, N, *rest] -> [B, M, *rest]. A batch dimension of 1 in `values` is broadcast.
+    """
+    batch, width = index.shape
+    values = values.expand(batch, *values.shape[1:])
+    rest = values.shape[2:]
+    view = (batch, width) + (1,) * len(rest)
+    out = torch.gather(values, 1, index.clamp(min=0).view(view).expand(batch, width, *rest))
+    if fill is None:
+        return out
+    return out.masked_fill((index == FILLER).view(view), fill)

@@ -1,0 +1,1 @@
+"""The machinery that applies a method's stages to a model instance through reversible hooks."""

@@ -1,0 +1,355 @@
+"""Applies a method to one model instance through hooks that are all removed on exit.
+
+Hooks installed (nothing global, nothing on classes):
+- a forward pre-hook on the adapter's multimodal module: decides the phase of this forward, runs the
+  pre-LLM stages and shrinks the LLM input, records which tokens are visual;
+- a forward pre-hook on every decoder layer: layers after a drop get the gathered position embeddings,
+  position ids and attention mask of the tokens they still compute on;
+- on each dropping layer, a pre-hook on its attention module (to recompute q/k for scoring) and a forward
+  hook that removes the dropped tokens from the layer's output hidden states;
+- `generate` of the instance is wrapped, so that uncached generation reuses the prompt's decisions.
+
+Phases of a forward:
+- PREFILL: a new prompt. Stages score and decide; decisions are kept in a `Session`.
+- EXTEND: inside the same `generate` call without a KV cache, the prompt plus the tokens generated so far
+  are recomputed; the prompt's decisions are reused and every new token is kept. This is "pruned
+  prefill, then decoding without cache".
+- DECODE: a cached step continuing the session's cache. Each layer's cache holds exactly the tokens it
+  computed on, so only the attention mask needs remapping onto those cached keys.
+Decode positions continue from the original (post pre-LLM) sequence length.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from leanvlm.methods.base import LLMStage, check_layer
+from leanvlm.models import get_adapter
+from leanvlm.ops.select import FILLER, gather_slots, pack_right, top_k_mask
+from leanvlm.runtime.context import LayerContext, TokenLayout
+from leanvlm.runtime.masks import reduced_attention_mask
+from leanvlm.runtime.visual import ShrunkSequence
+from leanvlm.stats import ReductionStats, build_stats
+
+if TYPE_CHECKING:
+    from leanvlm.methods.base import Method
+
+# Model instance -> the method applied to it. Weak, so a dropped model does not stay alive here.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, AppliedMethod] = weakref.WeakKeyDictionary()
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"
+    EXTEND = "extend"
+    DECODE = "decode"
+
+
+@dataclass
+class Session:
+    """Decisions made for one prompt, reused by the forwards that continue it."""
+
+    generate_call: int | None
+    prompt_length: int  # LLM input length at prefill (after any pre-LLM shrink)
+    original_length: int  # input_ids length the caller passed at prefill
+    shrunk: ShrunkSequence | None
+    # drop layer -> [B, N_kept] positions (prompt space) of the tokens kept after it, -1 = filler
+    decisions: dict[int, torch.Tensor] = field(default_factory=dict)
+    cache: weakref.ref | None = None
+
+    def continues(self, cache: Any) -> bool:
+        return self.cache is not None and self.cache() is cache
+
+
+@dataclass
+class ForwardState:
+    """Bookkeeping of the forward in progress."""
+
+    phase: Phase
+    session: Session
+    layout: TokenLayout | None = None
+    index: torch.Tensor | None = None  # [B, N] current slots -> layer-0 positions; None = all of them
+    past_length: int = 0
+    attn_input: tuple[torch.Tensor, Any] | None = None
+    overrides: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    layer_tokens: list[torch.Tensor] = field(default_factory=list)  # per layer [B]: real tokens computed on
+    layer_visual: list[torch.Tensor] = field(default_factory=list)
+    visual_in: torch.Tensor | None = None  # [B] visual tokens out of the projector
+    seconds: float = 0.0
+
+
+class AppliedMethod:
+    """A method applied to one model instance. Use as a context manager; `remove()` undoes everything."""
+
+    def __init__(self, method: Method, model: nn.Module):
+        self.adapter = get_adapter(model)
+        if model in _ACTIVE:
+            other = type(_ACTIVE[model].method).__name__
+            raise ValueError(
+                f"a leanvlm method ({other}) is already applied to this model; leave its `with` block "
+                "(or call .remove()) before applying another, or combine stages with leanvlm.Compose"
+            )
+        self.method = method
+        self.model = model
+        pre, llm = method.stages()
+        self.pre_stages = list(pre)
+        self.drop_stages: dict[int, LLMStage] = {}
+        num_layers = self.adapter.num_layers
+        for stage in llm:
+            for layer in stage.layers(num_layers):
+                check_layer(f"{type(stage).__name__} layer", layer, num_layers)
+                if layer in self.drop_stages:
+                    raise ValueError(f"two in-LLM stages drop tokens after layer {layer}; give each layer one stage")
+                self.drop_stages[layer] = stage
+        self.needs = frozenset().union(*(stage.needs for stage in self.pre_stages))
+        self.session: Session | None = None
+        self.fwd: ForwardState | None = None
+        self._generate_call: int | None = None
+        self._generate_calls = 0
+        self._handles: list[Any] = []
+        self._install()
+        _ACTIVE[model] = self
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def _install(self) -> None:
+        mm = self.adapter.multimodal_module
+        self._handles.append(mm.register_forward_pre_hook(self._before_multimodal, with_kwargs=True))
+        self._handles.append(mm.register_forward_hook(self._after_multimodal, always_call=True))
+        for i, layer in enumerate(self.adapter.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_input_hook(i), with_kwargs=True))
+            if i in self.drop_stages:
+                self._handles.append(layer.self_attn.register_forward_pre_hook(self._capture_attention_input, with_kwargs=True))
+                self._handles.append(layer.register_forward_hook(self._layer_output_hook(i)))
+        had_own = "generate" in vars(self.model)
+        self._own_generate = vars(self.model).get("generate") if had_own else None
+        inner_generate = self.model.generate
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            self._generate_calls += 1
+            self._generate_call, self.session = self._generate_calls, None
+            try:
+                return inner_generate(*args, **kwargs)
+            finally:
+                self._generate_call = None
+
+        self.model.generate = generate
+        self._had_own_generate = had_own
+
+    def remove(self) -> None:
+        """Remove every hook and restore `generate`; the model is exactly as before `apply`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if "generate" in vars(self.model):
+            del self.model.generate
+            if self._had_own_generate:
+                self.model.generate = self._own_generate
+        self.session = self.fwd = None
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
+
+    def __enter__(self) -> AppliedMethod:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    @property
+    def stats(self) -> ReductionStats | None:
+        return self.method.stats
+
+    # --- multimodal module ---------------------------------------------------------------------------
+    def _before_multimodal(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        start = time.perf_counter()
+        if args:  # bind positional input_ids so every path below can use kwargs
+            kwargs = {"input_ids": args[0], **kwargs}
+            args = ()
+        past = kwargs.get("past_key_values")
+        past_length = past.get_seq_length() if past is not None else 0
+        if past_length > 0:
+            if self.session is None or not self.session.continues(past):
+                self.fwd = None  # a cache leanvlm did not prefill: run unchanged
+                return args, kwargs
+            fwd = ForwardState(Phase.DECODE, self.session, past_length=past_length)
+            if self.session.shrunk is not None:
+                kwargs = self.adapter.decode_inputs(kwargs, self.session.shrunk, self.session.original_length)
+        else:
+            extend = self._generate_call is not None and self.session is not None and self.session.generate_call == self._generate_call
+            fwd, kwargs = self._start_prompt(kwargs, Phase.EXTEND if extend else Phase.PREFILL)
+        self.fwd = fwd
+        fwd.seconds += time.perf_counter() - start
+        return args, kwargs
+
+    def _start_prompt(self, kwargs: dict[str, Any], phase: Phase) -> tuple[ForwardState, dict[str, Any]]:
+        """Prefill or extend: run the pre-LLM stages, shrink the input, record the token layout."""
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("leanvlm finds the visual tokens from input_ids; call the model with input_ids, not inputs_embeds")
+        original_length = input_ids.shape[1]
+        visual_in = shrunk = None
+        if self.pre_stages and self.adapter.has_visual_input(kwargs):
+            items = self.adapter.encode_visual(kwargs, self.needs)
+            visual_in = torch.zeros(input_ids.shape[0], dtype=torch.long)
+            for item in items:
+                visual_in[item.sample] += item.num_tokens
+            for stage in self.pre_stages:
+                items = [stage.reduce(item) for item in items]
+            kwargs, shrunk = self.adapter.rebuild_inputs(kwargs, items)
+        mask = kwargs.get("attention_mask")
+        layout = TokenLayout.from_ids(kwargs["input_ids"], mask if mask is not None and mask.dim() == 2 else None,
+                                      self.adapter.visual_token_ids)
+        if phase is Phase.PREFILL:
+            self.session = Session(self._generate_call, layout.visual.shape[1], original_length, shrunk)
+        return ForwardState(phase, self.session, layout=layout, visual_in=visual_in), kwargs
+
+    def _after_multimodal(self, module: nn.Module, args: tuple, output: Any) -> None:
+        fwd, self.fwd = self.fwd, None
+        if fwd is None:
+            return
+        if fwd.phase is Phase.PREFILL and fwd.layer_tokens:
+            self.method.stats = build_stats(self.adapter, fwd.layout, fwd.visual_in, fwd.layer_tokens, fwd.layer_visual, fwd.seconds)
+        elif self.method.stats is not None:
+            self.method.stats.reduction_seconds += fwd.seconds
+
+    # --- decoder layers ------------------------------------------------------------------------------
+    def _layer_input_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+            fwd = self.fwd
+            if fwd is None:
+                return None
+            start = time.perf_counter()
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if layer == 0 and fwd.phase is Phase.PREFILL:
+                self.session.cache = self._cache_ref(kwargs.get("past_key_values"))
+            if fwd.phase is Phase.DECODE:
+                override = self._decode_override(layer, hidden.shape[1], kwargs)
+            else:
+                self._count_tokens(fwd)
+                override = self._prompt_override(layer, kwargs) if fwd.index is not None else None
+            fwd.seconds += time.perf_counter() - start
+            if override is None:
+                return None
+            return args, {**kwargs, **override}
+
+        return hook
+
+    @staticmethod
+    def _cache_ref(cache: Any) -> weakref.ref | None:
+        return None if cache is None else weakref.ref(cache)
+
+    def _count_tokens(self, fwd: ForwardState) -> None:
+        if fwd.index is None:
+            fwd.layer_tokens.append(fwd.layout.valid.sum(dim=1))
+            fwd.layer_visual.append(fwd.layout.visual.sum(dim=1))
+        else:
+            fwd.layer_tokens.append(gather_slots(fwd.layout.valid, fwd.index, fill=False).sum(dim=1))
+            fwd.layer_visual.append(gather_slots(fwd.layout.visual, fwd.index, fill=False).sum(dim=1))
+
+    def _prompt_override(self, layer: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Prefill/extend: rows and columns are the current slots."""
+        fwd = self.fwd
+        base = kwargs.get("attention_mask")
+        key = (id(fwd.index), id(base))
+        if key not in fwd.overrides:
+            index = fwd.index
+            fwd.overrides[key] = {
+                "attention_mask": reduced_attention_mask(base, index, index, index),
+                "position_embeddings": self.adapter.gather_position_embeddings(kwargs["position_embeddings"], index),
+                "position_ids": self.adapter.gather_position_ids(kwargs.get("position_ids"), index),
+            }
+        return fwd.overrides[key]
+
+    def _decode_override(self, layer: int, num_queries: int, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """Cached step: the queries are the new tokens; this layer's keys are its group's kept prompt tokens
+        followed by every token decoded so far."""
+        fwd, session = self.fwd, self.fwd.session
+        earlier = [d for d in session.decisions if d < layer]
+        if not earlier:
+            return None
+        group = max(earlier)
+        base = kwargs.get("attention_mask")
+        key = (group, id(base))
+        if key not in fwd.overrides:
+            kept = session.decisions[group]
+            total = fwd.past_length + num_queries
+            device = kept.device
+            tail = torch.arange(session.prompt_length, total, device=device).expand(kept.shape[0], -1)
+            cols = torch.cat([kept, tail], dim=1)
+            rows_orig = torch.arange(total - num_queries, total, device=device).expand(kept.shape[0], -1)
+            rows_local = torch.arange(num_queries, device=device).expand(kept.shape[0], -1)
+            if base is None and not (kept == FILLER).any():
+                fwd.overrides[key] = None  # every cached key is attended: the model's own (None) mask fits
+            else:
+                fwd.overrides[key] = {"attention_mask": reduced_attention_mask(base, rows_local, rows_orig, cols)}
+        return fwd.overrides[key]
+
+    def _capture_attention_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        fwd = self.fwd
+        if fwd is not None and fwd.phase is Phase.PREFILL:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            fwd.attn_input = (hidden, kwargs["position_embeddings"])
+
+    def _layer_output_hook(self, layer: int):
+        stage = self.drop_stages[layer]
+        attn = self.adapter.layers[layer].self_attn
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            fwd = self.fwd
+            if fwd is None or fwd.phase is Phase.DECODE:
+                return None
+            start = time.perf_counter()
+            hidden = output[0] if isinstance(output, tuple) else output
+            batch, length = hidden.shape[:2]
+            index = fwd.index if fwd.index is not None else torch.arange(length, device=hidden.device).expand(batch, -1)
+            if fwd.phase is Phase.PREFILL:
+                keep = self._decide(layer, stage, attn, hidden, index)
+            else:
+                keep = self._replay(layer, index)
+            slots = None if keep is None else pack_right(keep)
+            if slots is None or (slots.shape[1] == length and not (slots == FILLER).any()):
+                fwd.seconds += time.perf_counter() - start
+                return None  # nothing dropped: leave the sequence untouched (bit-exact)
+            fwd.index = gather_slots(index, slots, fill=FILLER)
+            if fwd.phase is Phase.PREFILL:
+                fwd.session.decisions[layer] = fwd.index
+            reduced = gather_slots(hidden, slots, fill=0)
+            fwd.seconds += time.perf_counter() - start
+            return (reduced, *output[1:]) if isinstance(output, tuple) else reduced
+
+        return hook
+
+    def _decide(self, layer: int, stage: LLMStage, attn: nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Ask the stage, then keep the non-candidates plus its top-k candidates. -> keep [B, N] bool."""
+        fwd = self.fwd
+        attn_hidden, position_embeddings = fwd.attn_input
+        ctx = LayerContext(
+            layer=layer,
+            num_layers=self.adapter.num_layers,
+            hidden=hidden,
+            index=index,
+            layout=fwd.layout,
+            visual_into_llm=fwd.layout.visual.sum(dim=1),
+            query_key=lambda rows: self.adapter.query_key(attn, attn_hidden, position_embeddings, rows),
+        )
+        selection = stage.select(ctx)
+        candidates = selection.candidates & (index >= 0)
+        chosen = top_k_mask(selection.scores, candidates, selection.keep)
+        return (index >= 0) & (~candidates | chosen)
+
+    def _replay(self, layer: int, index: torch.Tensor) -> torch.Tensor | None:
+        """Extend phase: keep what the prompt kept after this layer, plus every newer token."""
+        session = self.fwd.session
+        kept = session.decisions.get(layer)
+        if kept is None:
+            return None
+        total = self.fwd.layout.visual.shape[1]
+        marks = torch.zeros(kept.shape[0], total + 1, dtype=torch.bool, device=kept.device)
+        marks.scatter_(1, torch.where(kept >= 0, kept, total), True)  # fillers land in the spare last column
+        marks[:, session.prompt_length :] = True
+        return gather_slots(marks[:, :total], index, fill=False)

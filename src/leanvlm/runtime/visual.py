@@ -1,0 +1,107 @@
+"""Pre-LLM side: visual tokens per image / video frame, and shrinking the LLM input to match them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from leanvlm.ops.select import FILLER, gather_slots, pack_right
+
+
+@dataclass
+class VisualItem:
+    """One image or one video of the batch as the projector produced it, frame by frame.
+
+    frames: per frame [T_f, C] tokens (an image is one frame). grid: (h, w) patch grid of every frame
+    before any reduction. origin: per frame [T_f] long, the original patch index (row-major in the grid)
+    each token stands for (a merged token: its destination), ascending. groups: per frame [h*w] long, the
+    output token each original patch ended in, -1 if dropped. signals: vision-tower signals a stage asked
+    for, each [F, h*w] (e.g. "cls_attention"). sample: the batch row the item belongs to.
+    """
+
+    frames: list[torch.Tensor]
+    grid: tuple[int, int]
+    origin: list[torch.Tensor]
+    groups: list[torch.Tensor]
+    sample: int
+    kind: str = "image"
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_frames(cls, frames: torch.Tensor | list[torch.Tensor], grid: tuple[int, int], sample: int, kind: str = "image",
+                    signals: dict[str, torch.Tensor] | None = None) -> VisualItem:
+        """Unreduced item: frames [F, T, C] (or a list of [T, C]) with T == h * w."""
+        frames = list(frames)
+        ident = [torch.arange(f.shape[0], device=f.device) for f in frames]
+        return cls(frames=frames, grid=grid, origin=ident, groups=[i.clone() for i in ident], sample=sample, kind=kind,
+                   signals=dict(signals or {}))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(f.shape[0] for f in self.frames)
+
+    def select(self, keep: list[torch.Tensor]) -> VisualItem:
+        """Keep, per frame, the tokens at ascending indices keep[f] [K_f] (a pure prune, no merging)."""
+        frames, origin, groups = [], [], []
+        for frame, org, grp, idx in zip(self.frames, self.origin, self.groups, keep):
+            frames.append(frame[idx])
+            origin.append(org[idx])
+            new_position = torch.full((frame.shape[0],), FILLER, dtype=torch.long, device=frame.device)
+            new_position[idx] = torch.arange(idx.shape[0], device=frame.device)
+            groups.append(torch.where(grp >= 0, new_position[grp.clamp(min=0)], grp))
+        return replace(self, frames=frames, origin=origin, groups=groups)
+
+
+@dataclass
+class ShrunkSequence:
+    """The LLM input after pre-LLM reduction, re-left-padded.
+
+    kept [B, L'] long: the original position of every new slot (-1 = new padding). removed [B] long:
+    placeholders removed per sample (decode positions shift down by this much).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    kept: torch.Tensor
+    removed: torch.Tensor
+    position_ids: torch.Tensor | None
+
+
+def shrink_placeholders(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    placeholder: torch.Tensor,
+    old_counts: list[int],
+    new_counts: list[int],
+    pad_token_id: int,
+) -> ShrunkSequence:
+    """Remove placeholders so that the k-th visual item keeps new_counts[k] of its old_counts[k].
+
+    input_ids [B, L]; attention_mask [B, L] or None; position_ids [B, L] (1-D RoPE) or None;
+    placeholder [B, L] bool marks the visual placeholders, whose row-major order matches the items' order.
+    Each item keeps the first new_counts[k] placeholders of its run (their content is identical; only the
+    count matters). Padding is rebuilt on the left. Given position_ids move down by the number of
+    placeholders removed before each token, so text keeps its spacing and positions stay contiguous.
+    """
+    batch, length = input_ids.shape
+    valid = torch.ones_like(placeholder) if attention_mask is None else attention_mask.bool()
+    flat = placeholder.reshape(-1).nonzero().squeeze(1)  # row-major placeholder positions
+    if flat.numel() != sum(old_counts):
+        raise ValueError(f"found {flat.numel()} visual placeholder tokens in input_ids but the visual features have {sum(old_counts)}")
+    drop_flat = torch.zeros(batch * length, dtype=torch.bool, device=input_ids.device)
+    start = 0
+    for old, new in zip(old_counts, new_counts):
+        drop_flat[flat[start + new : start + old]] = True
+        start += old
+    dropped = drop_flat.view(batch, length)
+    keep = valid & ~dropped
+    kept = pack_right(keep)
+    new_ids = gather_slots(input_ids, kept, fill=pad_token_id)
+    new_mask = (kept >= 0).long()
+    new_positions = None
+    if position_ids is not None:
+        shifted = position_ids.expand(batch, length) - torch.cumsum(dropped.long(), dim=1)
+        new_positions = gather_slots(shifted, kept, fill=0)
+    return ShrunkSequence(new_ids, new_mask, kept, dropped.sum(dim=1), new_positions)
