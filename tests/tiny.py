@@ -18,13 +18,14 @@ def tiny_llava(text: str = "llama", attn: str = "sdpa", layers: int = 6, seed: i
                               image_size=32, patch_size=8, projection_dim=32)
     text_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text]
     text_config = text_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD,
+                           num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD, initializer_range=0.2,
                            tie_word_embeddings=False)
     config = LlavaConfig(vision_config=vision, text_config=text_config, image_token_index=IMAGE_TOKEN,
                          image_seq_length=PATCHES, vision_feature_layer=-2)
     config._attn_implementation = attn
     model = LlavaForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn)
+    model.generation_config.eos_token_id = None  # always generate max_new_tokens: comparable lengths
     return model
 
 

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 def check_fraction(name: str, value: float, allow_zero: bool = False) -> float:
     """Validate a keep fraction: in (0, 1] (or [0, 1] with allow_zero). Returns it as float."""
-    low_ok = value >= 0 if allow_zero else value > 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1) or math.isnan(value):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or math.isnan(value) or not ((value >= 0 if allow_zero else value > 0) and value <= 1):
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return float(value)
