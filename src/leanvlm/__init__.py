@@ -7,20 +7,23 @@
     method.stats
 """
 
-from leanvlm.methods import Compose, FastV, LLMStage, Method, PreLLMStage, Selection
+from leanvlm.methods import AIM, Compose, FastV, LLMStage, Method, PreLLMStage, ProgressivePrune, Selection, TokenMerge
 from leanvlm.models import supported_models
 from leanvlm.stats import ReductionStats, SampleStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AIM",
     "Compose",
     "FastV",
     "LLMStage",
     "Method",
     "PreLLMStage",
+    "ProgressivePrune",
     "ReductionStats",
     "SampleStats",
     "Selection",
+    "TokenMerge",
     "supported_models",
 ]

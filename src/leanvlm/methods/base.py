@@ -78,9 +78,9 @@ class LLMStage(ABC):
     def select(self, ctx: LayerContext) -> Selection:
         """Score the current tokens at `ctx.layer` and say how many candidates to keep."""
 
-    def planned_keep(self, layer: int, visual_into_llm: int, visual_now: int) -> int:
-        """Analytic visual-token count after `layer` (for FLOPs budgets), given the count that entered the LLM
-        and the count at this layer. Stages whose count depends on the input may return an estimate."""
+    def planned_keep(self, layer: int, num_layers: int, visual_into_llm: int, visual_now: int) -> int:
+        """Analytic visual-token count after `layer` of a `num_layers`-deep model (for FLOPs budgets), given
+        the count that entered the LLM and the count at this layer. Input-dependent stages estimate."""
         return visual_now
 
 

@@ -37,7 +37,7 @@ class LastTokenAttentionDrop(LLMStage):
         candidates = ctx.visual
         return Selection(scores, candidates, keep_count(self.keep, candidates.sum(dim=1)))
 
-    def planned_keep(self, layer: int, visual_into_llm: int, visual_now: int) -> int:
+    def planned_keep(self, layer: int, num_layers: int, visual_into_llm: int, visual_now: int) -> int:
         return max(1, round(self.keep * visual_now)) if visual_now else 0
 
 
