@@ -4,6 +4,7 @@ newline tokens in the LLM sequence, 1-D RoPE text models (Llama, Qwen2, ...)."""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from leanvlm.models.base import ModelAdapter
+from leanvlm.models.vision import encoder_layers, feature_layer_index, layer_attention, probe, vision_signals
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem, shrink_placeholders
 
 
@@ -32,22 +34,36 @@ class LlavaAdapter(ModelAdapter):
 
     def encode_visual(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
         input_ids = kwargs["input_ids"]
-        features = self.multimodal_module.get_image_features(
-            pixel_values=kwargs["pixel_values"],
-            vision_feature_layer=kwargs.get("vision_feature_layer"),
-            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-            image_sizes=kwargs.get("image_sizes"),
-            return_dict=True,
-        ).pooler_output  # list of [T, C], one per image
+        config = self.model.config
+        feature_layer = kwargs.get("vision_feature_layer") or config.vision_feature_layer
+        strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        tower = self.multimodal_module.vision_tower
+        layers = encoder_layers(tower)
+        # Signals come from the encoder layer whose output the projector reads (LLaVA: the penultimate).
+        layer_index = feature_layer_index(feature_layer if isinstance(feature_layer, int) else feature_layer[-1], len(layers))
+        with probe(layers[layer_index]) if needs else nullcontext() as captured:
+            features = self.multimodal_module.get_image_features(
+                pixel_values=kwargs["pixel_values"],
+                vision_feature_layer=feature_layer,
+                vision_feature_select_strategy=strategy,
+                image_sizes=kwargs.get("image_sizes"),
+                return_dict=True,
+            ).pooler_output  # list of [T, C], one per image
+        signals = {}
+        if needs:
+            has_cls = "siglip" not in type(tower).__name__.lower()
+            signals = vision_signals(layer_attention(layers[layer_index]), captured, needs, has_cls,
+                                     prefix=1 if strategy == "default" else 0)
         # Which batch row each image belongs to: images fill the placeholder runs in row-major order.
         placeholder = input_ids == self.visual_token_ids[0]
         row_of_token = placeholder.nonzero()[:, 0]
         items, start = [], 0
-        for image in features:
+        for index, image in enumerate(features):
             side = math.isqrt(image.shape[0])
             grid = (side, side) if side * side == image.shape[0] else (1, image.shape[0])
             sample = int(row_of_token[start]) if start < row_of_token.numel() else 0
-            items.append(VisualItem.from_frames(image[None], grid, sample))
+            item_signals = {name: value[index : index + 1] for name, value in signals.items()}
+            items.append(VisualItem.from_frames(image[None], grid, sample, signals=item_signals))
             start += image.shape[0]
         return items
 

@@ -337,7 +337,8 @@ class AppliedMethod:
             visual_into_llm=fwd.layout.visual.sum(dim=1),
             query_key=lambda rows: self.adapter.query_key(attn, attn_hidden, position_embeddings, rows),
         )
-        selection = stage.select(ctx)
+        with torch.no_grad():  # ranking is not differentiable; keep it out of any autograd graph
+            selection = stage.select(ctx)
         candidates = selection.candidates & (index >= 0)
         chosen = top_k_mask(selection.scores, candidates, selection.keep)
         return (index >= 0) & (~candidates | chosen)
