@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from leanvlm.ops.select import gather_slots
+from leanvlm.models.vision import VisionProbe
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 
 
@@ -105,10 +106,15 @@ class ModelAdapter(ABC):
         """Whether this forward carries pixels to encode (a prefill with images/videos)."""
         return kwargs.get("pixel_values") is not None
 
+    def install_vision_probe(self) -> VisionProbe:
+        """Start capturing the vision layer that signals (CLS attention, keys) are computed from."""
+        raise ValueError(f"{self.family} models do not expose vision-tower signals; use a method without them")
+
     @abstractmethod
-    def encode_visual(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
-        """Run the vision tower + projector for this forward's pixels; one VisualItem per image/video, in the
-        order their placeholders appear in input_ids (row-major). `needs`: vision signals to capture."""
+    def encode_visual(self, kwargs: dict[str, Any], needs: frozenset[str], probe: VisionProbe | None) -> list[VisualItem]:
+        """The projector features of this forward's images/videos (encoded now from pixels, or taken from
+        the `mm_encoder_outputs` that `generate` computed), one VisualItem per image/video in the order
+        their placeholders appear in input_ids (row-major), with the `needs` signals from `probe`."""
 
     @abstractmethod
     def rebuild_inputs(self, kwargs: dict[str, Any], items: list[VisualItem]) -> tuple[dict[str, Any], ShrunkSequence | None]:

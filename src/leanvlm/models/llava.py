@@ -4,7 +4,6 @@ newline tokens in the LLM sequence, 1-D RoPE text models (Llama, Qwen2, ...)."""
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from leanvlm.models.base import ModelAdapter
-from leanvlm.models.vision import encoder_layers, feature_layer_index, layer_attention, probe, vision_signals
+from leanvlm.models.vision import VisionProbe, encoder_layers, feature_layer_index, vision_signals
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem, shrink_placeholders
 
 
@@ -32,28 +31,36 @@ class LlavaAdapter(ModelAdapter):
     def visual_token_ids(self) -> list[int]:
         return [int(self.model.config.image_token_id)]
 
-    def encode_visual(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
+    def _feature_layer(self) -> int:
+        layer = self.model.config.vision_feature_layer
+        return layer if isinstance(layer, int) else layer[-1]
+
+    def install_vision_probe(self) -> VisionProbe:
+        # Signals come from the encoder layer whose output the projector reads (LLaVA: the penultimate).
+        layers = encoder_layers(self.multimodal_module.vision_tower)
+        return VisionProbe(layers[feature_layer_index(self._feature_layer(), len(layers))])
+
+    def has_visual_input(self, kwargs: dict[str, Any]) -> bool:
+        return kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None
+
+    def encode_visual(self, kwargs: dict[str, Any], needs: frozenset[str], probe: VisionProbe | None) -> list[VisualItem]:
         input_ids = kwargs["input_ids"]
         config = self.model.config
-        feature_layer = kwargs.get("vision_feature_layer") or config.vision_feature_layer
         strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
-        tower = self.multimodal_module.vision_tower
-        layers = encoder_layers(tower)
-        # Signals come from the encoder layer whose output the projector reads (LLaVA: the penultimate).
-        layer_index = feature_layer_index(feature_layer if isinstance(feature_layer, int) else feature_layer[-1], len(layers))
-        with probe(layers[layer_index]) if needs else nullcontext() as captured:
-            features = self.multimodal_module.get_image_features(
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is None:  # a plain forward; `generate` encodes the images itself beforehand
+            encoded = self.multimodal_module.get_image_features(
                 pixel_values=kwargs["pixel_values"],
-                vision_feature_layer=feature_layer,
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
                 vision_feature_select_strategy=strategy,
                 image_sizes=kwargs.get("image_sizes"),
                 return_dict=True,
-            ).pooler_output  # list of [T, C], one per image
+            )
+        features = encoded.pooler_output  # list of [T, C], one per image
         signals = {}
         if needs:
-            has_cls = "siglip" not in type(tower).__name__.lower()
-            signals = vision_signals(layer_attention(layers[layer_index]), captured, needs, has_cls,
-                                     prefix=1 if strategy == "default" else 0)
+            has_cls = "siglip" not in type(self.multimodal_module.vision_tower).__name__.lower()
+            signals = vision_signals(probe, needs, has_cls, prefix=1 if strategy == "default" else 0)
         # Which batch row each image belongs to: images fill the placeholder runs in row-major order.
         placeholder = input_ids == self.visual_token_ids[0]
         row_of_token = placeholder.nonzero()[:, 0]
@@ -73,7 +80,9 @@ class LlavaAdapter(ModelAdapter):
         new_counts = [f.shape[0] for f in features]
         kwargs = dict(kwargs)
         kwargs["pixel_values"] = None
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        # A new dict: generate reuses its own across uncached steps, which must see the unreduced features.
+        kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}),
+                                        "image": BaseModelOutputWithPooling(pooler_output=features)}
         if new_counts == old_counts:
             return kwargs, None
         input_ids = kwargs["input_ids"]

@@ -1,6 +1,6 @@
 """Signals from inside a ViT vision tower that pre-LLM stages rank patches by.
 
-A `VisionProbe` captures, during the model's own vision forward, the input of one encoder layer's
+A `VisionProbe` captures, during the model's own vision forwards, the input of one encoder layer's
 attention (after its norm) and that layer's output; `vision_signals` turns them into per-patch scores
 recomputed from the layer's q/k projections, so any attention backend (eager, sdpa) works.
 
@@ -14,10 +14,6 @@ Towers without a CLS token (SigLIP) use the mean of all tokens as the query / re
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,30 +42,31 @@ def layer_attention(layer: nn.Module) -> nn.Module:
     raise ValueError(f"cannot find the attention module of {type(layer).__name__}")
 
 
-@dataclass
-class Captured:
-    attn_input: torch.Tensor | None = None  # [N, S, D] attention input (normed)
-    output: torch.Tensor | None = None  # [N, S, D] layer output
+class VisionProbe:
+    """Captures one encoder layer's attention input (after its norm) and output at every vision forward.
 
+    Installed for as long as a method that needs vision signals is applied: `generate` encodes the
+    images before the first forward (transformers passes them on as `mm_encoder_outputs`), so the
+    capture must already be in place then. Each vision forward overwrites the previous capture.
+    """
 
-@contextmanager
-def probe(layer: nn.Module) -> Iterator[Captured]:
-    """Capture one encoder layer's attention input and output while the block runs."""
-    captured = Captured()
+    def __init__(self, layer: nn.Module):
+        self.attn = layer_attention(layer)
+        self.attn_input: torch.Tensor | None = None  # [N, S, D]
+        self.output: torch.Tensor | None = None  # [N, S, D]
+        self._handles = [self.attn.register_forward_pre_hook(self._before_attention, with_kwargs=True),
+                         layer.register_forward_hook(self._after_layer)]
 
-    def before_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.attn_input = args[0] if args else kwargs["hidden_states"]
+    def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.attn_input = (args[0] if args else kwargs["hidden_states"]).detach()
 
-    def after_layer(module: nn.Module, args: tuple, output: object) -> None:
-        captured.output = output[0] if isinstance(output, tuple) else output
+    def _after_layer(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.output = (output[0] if isinstance(output, tuple) else output).detach()
 
-    handles = [layer_attention(layer).register_forward_pre_hook(before_attention, with_kwargs=True),
-               layer.register_forward_hook(after_layer)]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
+    def remove(self) -> None:
+        for handle in self._handles:
             handle.remove()
+        self._handles.clear()
 
 
 def feature_layer_index(vision_feature_layer: int, num_layers: int) -> int:
@@ -86,16 +83,19 @@ def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vision_signals(attn: nn.Module, captured: Captured, needs: frozenset[str], has_cls: bool, prefix: int) -> dict[str, torch.Tensor]:
-    """Compute the requested signals for the patch tokens `prefix:` of every image (see module doc).
+def vision_signals(probe: VisionProbe, needs: frozenset[str], has_cls: bool, prefix: int) -> dict[str, torch.Tensor]:
+    """Compute the requested signals for the patch tokens `prefix:` of every image of the last capture.
 
-    attn: the layer's attention module (q_proj, k_proj, head_dim, scale/scaling). prefix: tokens before
-    the patches that the projector drops (1 for a CLS the LLaVA "default" strategy removes).
+    prefix: tokens before the patches that the projector drops (1 for the CLS that LLaVA's "default"
+    strategy removes). The attention module must have q_proj, k_proj, head_dim and scale/scaling.
     """
     unknown = needs - SIGNALS
     if unknown:
         raise ValueError(f"unknown vision signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
-    hidden = captured.attn_input.float()
+    if probe.attn_input is None:
+        raise ValueError("vision signals are needed but the vision tower has not run while the method was applied "
+                         "(pass pixel values, not precomputed features, to the model)")
+    attn, hidden = probe.attn, probe.attn_input.float()
     signals: dict[str, torch.Tensor] = {}
     weight = {name: p.float() for name, p in attn.named_parameters()}
     keys = nn.functional.linear(hidden, weight["k_proj.weight"], weight.get("k_proj.bias"))  # [N, S, H*d]
@@ -106,7 +106,7 @@ def vision_signals(attn: nn.Module, captured: Captured, needs: frozenset[str], h
         probs = torch.softmax(query @ _heads(attn, keys).transpose(-1, -2) * scale, dim=-1)  # [N, H, 1, S]
         signals["cls_attention"] = probs.mean(dim=1)[:, 0, prefix:]
     if "cls_similarity" in needs:
-        out = captured.output.float()
+        out = probe.output.float()
         reference = out[:, :1] if has_cls else out.mean(dim=1, keepdim=True)
         signals["cls_similarity"] = torch.cosine_similarity(out[:, prefix:], reference, dim=-1)
     if "keys" in needs:

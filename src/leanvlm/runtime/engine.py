@@ -108,6 +108,7 @@ class AppliedMethod:
                     raise ValueError(f"two in-LLM stages drop tokens after layer {layer}; give each layer one stage")
                 self.drop_stages[layer] = stage
         self.needs = frozenset().union(*(stage.needs for stage in self.pre_stages))
+        self._probe = self.adapter.install_vision_probe() if self.needs else None
         self.session: Session | None = None
         self.fwd: ForwardState | None = None
         self._generate_call: int | None = None
@@ -146,6 +147,8 @@ class AppliedMethod:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._probe is not None:
+            self._probe.remove()
         if "generate" in vars(self.model):
             del self.model.generate
             if self._had_own_generate:
@@ -194,7 +197,7 @@ class AppliedMethod:
         original_length = input_ids.shape[1]
         visual_in = shrunk = None
         if self.pre_stages and self.adapter.has_visual_input(kwargs):
-            items = self.adapter.encode_visual(kwargs, self.needs)
+            items = self.adapter.encode_visual(kwargs, self.needs, self._probe)
             visual_in = torch.zeros(input_ids.shape[0], dtype=torch.long)
             for item in items:
                 visual_in[item.sample] += item.num_tokens

@@ -1,0 +1,181 @@
+"""AIM on tiny LLaVA models: importance vs the model's own attention, equivalences, video, budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leanvlm
+from leanvlm import flops
+from leanvlm.models import get_adapter
+from leanvlm.ops.attention import received_attention
+from leanvlm.ops.importance import pagerank_importance
+from tiny import IMAGE_TOKEN, PATCHES, batch_inputs, prompt_ids, select, tiny_llava
+
+
+def eager_attention_and_qk(model, inputs, layer: int):
+    """The layer's attention probabilities from eager output_attentions, and its q/k recomputed by the
+    adapter from the captured attention input. -> probs [B, H, N, N] float64, q, k, scale."""
+    captured = {}
+    attn = model.model.language_model.layers[layer].self_attn
+
+    def grab(module, args, kwargs):
+        captured["hidden"], captured["rope"] = kwargs["hidden_states"], kwargs["position_embeddings"]
+
+    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        out = model(**inputs, output_attentions=True)
+    finally:
+        handle.remove()
+    q, k, scale = get_adapter(model).query_key(attn, captured["hidden"], captured["rope"], None)
+    return out.attentions[layer].double(), q, k, scale
+
+
+def dense_pagerank(probs: torch.Tensor, tau: float = 0.1, iterations: int = 5) -> torch.Tensor:
+    """SPEC 1b from the model's own probabilities P = softmax(s): softmax(s / tau) = P^(1/tau) normalised."""
+    powered = probs ** (1 / tau)
+    matrix = powered / powered.sum(dim=-1, keepdim=True)  # [B, H, N, N]
+    n = probs.shape[-1]
+    p = torch.full(probs.shape[:3], 1 / n, dtype=torch.float64)[:, :, None, :]  # [B, H, 1, N]
+    for _ in range(iterations):
+        p = p @ matrix
+    return p[:, :, 0].pow(2).mean(dim=1).sqrt()
+
+
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+@pytest.mark.parametrize("chunk_size, matrix_bytes", [(1, 0), (5, 0), (64, 0), (7, 2**30)])
+def test_pagerank_importance_equals_dense_reference_from_eager_attention(text, chunk_size, matrix_bytes):
+    model = tiny_llava(text, "eager")
+    inputs = batch_inputs([prompt_ids(3, 6, seed=2)], seed=3)
+    probs, q, k, scale = eager_attention_and_qk(model, inputs, layer=2)
+    n = q.shape[2]
+    pos = torch.arange(n)[None]
+    got = pagerank_importance(q, k, pos, pos, torch.ones(1, n, dtype=torch.bool), scale,
+                              chunk_size=chunk_size, max_matrix_bytes=matrix_bytes)
+    torch.testing.assert_close(got.double(), dense_pagerank(probs), rtol=1e-4, atol=1e-7)
+
+
+def test_text_importance_equals_question_rows_of_eager_attention():
+    model = tiny_llava("llama", "eager")
+    ids = prompt_ids(2, 7, seed=4)
+    inputs = batch_inputs([ids], seed=5)
+    probs, q, k, scale = eager_attention_and_qk(model, inputs, layer=1)
+    question = torch.arange(2 + PATCHES, len(ids))  # text after the image
+    n = q.shape[2]
+    pos = torch.arange(n)[None]
+    got = received_attention(q[:, :, question], k, pos[:, question], pos, torch.ones(1, n, dtype=torch.bool), scale,
+                             chunk_size=3)
+    expected = probs[:, :, question].mean(dim=(1, 2))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_merge_one_and_no_pruning_gives_plain_logits(attn):
+    model = tiny_llava("qwen2", attn)
+    inputs = batch_inputs([prompt_ids(3, 5, seed=1), prompt_ids(6, 2, seed=2)])
+    plain = model(**inputs).logits
+    method = leanvlm.AIM(merge_keep=1.0, prune=False)
+    with method.apply(model):
+        torch.testing.assert_close(model(**inputs).logits, plain, atol=1e-5, rtol=0)
+    assert method.stats.flops_ratio == 1.0
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("importance", ["pagerank", "text"])
+def test_default_aim_follows_schedule_and_cached_equals_uncached(attn, importance):
+    model = tiny_llava("llama", attn, layers=8)  # default l1, l2 for 8 layers: 4, 6
+    inputs = batch_inputs([prompt_ids(3, 5, seed=1), prompt_ids(1, 9, seed=2)], seed=3)
+    method = leanvlm.AIM(importance=importance)
+    kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with method.apply(model):
+        cached = model.generate(**inputs, **kwargs)
+        stats = method.stats
+        uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    merged = PATCHES // 4
+    for sample in stats.samples:
+        assert sample.visual_in == PATCHES and sample.visual_into_llm == merged
+        # layers 0..l1 see all, then keep(l) of the merged tokens: 1/2 after layer 4, none from layer 6 on
+        assert sample.layer_visual_tokens == [merged] * 5 + [merged // 2] + [0, 0]
+    assert stats.samples[0].layer_tokens[-1] == 3 + 5
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(model.generate(**inputs, **kwargs).logits[0], cached.logits[0])
+
+
+def test_batch_equals_samples_one_by_one():
+    model = tiny_llava("qwen2", "sdpa", layers=8)
+    inputs = batch_inputs([prompt_ids(3, 5, seed=1), prompt_ids(7, 1, seed=2), prompt_ids(1, 11, seed=3)], seed=4)
+    method = leanvlm.AIM(merge_keep=0.5, l1=2, l2=6)
+    with method.apply(model):
+        batch_logits = model(**inputs).logits[:, -1]
+        batch_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, -6:]
+        for row in range(3):
+            one = select(inputs, row)
+            torch.testing.assert_close(model(**one).logits[:, -1], batch_logits[row:row + 1], atol=1e-4, rtol=1e-4)
+            assert model.generate(**one, max_new_tokens=6, do_sample=False)[0, -6:].tolist() == batch_tokens[row].tolist()
+
+
+def test_video_frames_are_merged_per_frame_never_across():
+    """LLaVA-1.5 style video: each frame is one image in the prompt; merging keeps 25% of EVERY frame."""
+    model = tiny_llava("llama", "sdpa", layers=8)
+    frames = 4
+    inputs = batch_inputs([prompt_ids(2, 5, images=frames, seed=6)], seed=7, images_per_prompt=frames)
+    method = leanvlm.AIM(prune=False)
+    applied = method.apply(model)
+    captured = []
+    stage = applied.pre_stages[0]
+    original_reduce = stage.reduce
+    stage.reduce = lambda item: captured.append(original_reduce(item)) or captured[-1]
+    with applied:
+        logits = model(**inputs).logits
+    assert method.stats.samples[0].visual_into_llm == frames * PATCHES // 4
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - frames * (PATCHES - PATCHES // 4)
+    assert len(captured) == frames
+    for item in captured:  # every frame's groups point inside its own 4 outputs
+        assert item.groups[0].min() >= 0 and item.groups[0].max() < PATCHES // 4
+        assert item.groups[0].unique().numel() == PATCHES // 4
+
+
+@pytest.mark.parametrize("ratio", [1 / 2, 1 / 4, 1 / 7])
+@pytest.mark.parametrize("preset, visual, text, frames", [("llava-1.5-7b", 576, 40, 1), ("llava-onevision-7b", 196, 100, 32)])
+def test_for_budget_hits_target_within_5_percent(ratio, preset, visual, text, frames):
+    method = leanvlm.AIM.for_budget(preset, flops_ratio=ratio, visual_tokens=visual, text_tokens=text, frames=frames)
+    shape = flops.PRESETS[preset].llm
+    tokens = method.tokens_per_layer(preset, visual, text, frames)
+    base = flops.llm_prefill_flops([visual * frames + text] * shape.layers, shape)
+    achieved = flops.llm_prefill_flops(tokens, shape) / base
+    assert abs(achieved - ratio) / ratio <= 0.05
+
+
+def test_for_budget_prefers_intact_layers_and_reports_unreachable_budgets():
+    # 1/2 is reachable by merging alone: no layer needs pruning
+    assert leanvlm.AIM.for_budget("llava-1.5-7b", 1 / 2, visual_tokens=576, text_tokens=40).prune is False
+    with pytest.raises(ValueError, match="closest achievable"):
+        leanvlm.AIM.for_budget("llava-1.5-7b", 1 / 1000, visual_tokens=576, text_tokens=40)
+
+
+def test_for_budget_accepts_a_model_instance():
+    model = tiny_llava("llama", "sdpa", layers=8)
+    method = leanvlm.AIM.for_budget(model, 1 / 3, visual_tokens=PATCHES, text_tokens=8)
+    inputs = batch_inputs([prompt_ids(3, 5)])
+    with method.apply(model):
+        model(**inputs)
+    assert abs(1 / method.stats.flops_ratio - 1 / 3) / (1 / 3) <= 0.05
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(merge_keep=0), r"merge_keep must be in \(0, 1\], got 0"),
+    (dict(merge_keep=1.2), r"merge_keep must be in \(0, 1\], got 1.2"),
+    (dict(l1=5, l2=5), "l2 > l1, got l1=5, l2=5"),
+    (dict(importance="random"), "importance must be 'pagerank' or 'text', got 'random'"),
+])
+def test_bad_arguments_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        leanvlm.AIM(**kwargs)
+
+
+def test_schedule_beyond_model_depth_is_a_clear_error():
+    model = tiny_llava("llama", "sdpa", layers=6)
+    with pytest.raises(ValueError, match=r"0 <= l1 < l2 <= 6.*l1=2, l2=9"):
+        leanvlm.AIM(l1=2, l2=9).apply(model)
