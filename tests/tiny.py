@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config,
+                          SiglipVisionConfig)
 
 IMAGE_TOKEN = 120
 VOCAB = 128
@@ -11,21 +12,27 @@ PAD = 0
 PATCHES = 16  # 32px images, patch 8 -> 4 x 4
 
 
-def tiny_llava(text: str = "llama", attn: str = "sdpa", layers: int = 6, seed: int = 0) -> LlavaForConditionalGeneration:
-    """LLaVA-1.5-shaped model: CLIP tower (with CLS) + Llama or Qwen2 text model with GQA."""
+def tiny_llava(text: str = "llama", attn: str = "sdpa", layers: int = 6, seed: int = 0,
+               vision_tower: str = "clip") -> LlavaForConditionalGeneration:
+    """LLaVA-1.5-shaped model: CLIP tower (with CLS; or SigLIP, without) + Llama or Qwen2 text model with GQA."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
+    vision_cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[vision_tower]
+    vision = vision_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        image_size=32, patch_size=8)
     text_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text]
     text_config = text_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD, initializer_range=0.2,
                            tie_word_embeddings=False)
     config = LlavaConfig(vision_config=vision, text_config=text_config, image_token_index=IMAGE_TOKEN,
-                         image_seq_length=PATCHES, vision_feature_layer=-2)
+                         image_seq_length=PATCHES, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default" if vision_tower == "clip" else "full")
     config._attn_implementation = attn
     model = LlavaForConditionalGeneration(config).eval()
     model.set_attn_implementation(attn)
     model.generation_config.eos_token_id = None  # always generate max_new_tokens: comparable lengths
+    # a random model may emit the image placeholder id, which no real model does (and uncached steps
+    # would then count one placeholder too many)
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN]
     return model
 
 

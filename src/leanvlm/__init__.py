@@ -7,7 +7,7 @@
     method.stats
 """
 
-from leanvlm.methods import AIM, Compose, FastV, LLMStage, Method, PreLLMStage, ProgressivePrune, Selection, TokenMerge
+from leanvlm.methods import AIM, ITP, Compose, FastV, InflectionCut, LLMStage, Method, PreLLMStage, ProgressivePrune, Selection, TextRelevancePrune, TokenMerge
 from leanvlm.models import supported_models
 from leanvlm.stats import ReductionStats, SampleStats
 
@@ -17,6 +17,8 @@ __all__ = [
     "AIM",
     "Compose",
     "FastV",
+    "ITP",
+    "InflectionCut",
     "LLMStage",
     "Method",
     "PreLLMStage",
@@ -24,6 +26,7 @@ __all__ = [
     "ReductionStats",
     "SampleStats",
     "Selection",
+    "TextRelevancePrune",
     "TokenMerge",
     "supported_models",
 ]

@@ -12,6 +12,7 @@ from leanvlm.flops import LLMShape, llm_prefill_flops
 if TYPE_CHECKING:
     from leanvlm.models.base import ModelAdapter
     from leanvlm.runtime.context import TokenLayout
+    from leanvlm.runtime.visual import VisualItem
 
 
 @dataclass
@@ -24,6 +25,7 @@ class SampleStats:
     layer_visual_tokens: list[int]  # of which visual
     base_flops: float  # analytic LLM prefill FLOPs of the plain model on this sample
     method_flops: float  # the same with the method
+    details: dict[str, list[Any]] = field(default_factory=dict)  # stage reports, one entry per image/video
 
     @property
     def flops_ratio(self) -> float:
@@ -44,10 +46,17 @@ class ReductionStats:
     samples: list[SampleStats]
     reduction_seconds: float
     notes: list[str] = field(default_factory=list)
+    #: the reduced images/videos of the prompt (pre-LLM stages only), for visualisation
+    visual_items: list[VisualItem] = field(default_factory=list, repr=False)
 
     @property
     def flops_ratio(self) -> float:
         return sum(s.base_flops for s in self.samples) / sum(s.method_flops for s in self.samples)
+
+    @property
+    def token_fraction(self) -> float:
+        """Mean over samples of SampleStats.token_fraction."""
+        return sum(s.token_fraction for s in self.samples) / len(self.samples)
 
     @property
     def mean_visual_into_llm(self) -> float:
@@ -56,6 +65,7 @@ class ReductionStats:
     def to_dict(self) -> dict[str, Any]:
         return {
             "samples": [asdict(s) | {"flops_ratio": s.flops_ratio, "token_fraction": s.token_fraction} for s in self.samples],
+            "token_fraction": self.token_fraction,
             "reduction_seconds": self.reduction_seconds,
             "flops_ratio": self.flops_ratio,
             "mean_visual_into_llm": self.mean_visual_into_llm,
@@ -70,6 +80,7 @@ def build_stats(
     layer_tokens: list[torch.Tensor],
     layer_visual: list[torch.Tensor],
     seconds: float,
+    visual_items: list[VisualItem],
 ) -> ReductionStats:
     """Assemble per-sample stats from the per-layer [B] counts the runtime recorded during prefill."""
     shape = LLMShape.from_config(adapter.model.config)
@@ -77,6 +88,10 @@ def build_stats(
     visual_in = into_llm if visual_in is None else visual_in
     tokens = torch.stack(layer_tokens, dim=1).tolist()  # [B, L]
     visual = torch.stack(layer_visual, dim=1).tolist()
+    details: list[dict[str, list[Any]]] = [{} for _ in tokens]
+    for item in visual_items:
+        for key, value in item.info.items():
+            details[item.sample].setdefault(key, []).append(value)
     samples = []
     for b in range(len(tokens)):
         removed_before = int(visual_in[b]) - int(into_llm[b])
@@ -84,9 +99,9 @@ def build_stats(
         samples.append(SampleStats(
             visual_in=int(visual_in[b]), visual_into_llm=int(into_llm[b]), layer_tokens=tokens[b],
             layer_visual_tokens=visual[b], base_flops=llm_prefill_flops(base, shape),
-            method_flops=llm_prefill_flops(tokens[b], shape),
+            method_flops=llm_prefill_flops(tokens[b], shape), details=details[b],
         ))
     notes = []
     if int(into_llm.sum()) == 0 and int(visual_in.sum()) == 0:
         notes.append("no visual tokens in the input: ran unchanged")
-    return ReductionStats(samples, seconds, notes)
+    return ReductionStats(samples, seconds, notes, visual_items)

@@ -3,5 +3,6 @@
 from leanvlm.methods.aim import AIM, ProgressivePrune, TokenMerge
 from leanvlm.methods.base import Compose, LLMStage, Method, PreLLMStage, Selection
 from leanvlm.methods.fastv import FastV
+from leanvlm.methods.itp import ITP, InflectionCut, TextRelevancePrune
 
-__all__ = ["AIM", "Compose", "FastV", "LLMStage", "Method", "PreLLMStage", "ProgressivePrune", "Selection", "TokenMerge"]
+__all__ = ["AIM", "Compose", "FastV", "ITP", "InflectionCut", "LLMStage", "Method", "PreLLMStage", "ProgressivePrune", "Selection", "TextRelevancePrune", "TokenMerge"]

@@ -18,7 +18,7 @@ positions and decoding continues from the original length (the code shifts decod
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -63,7 +63,7 @@ class TokenMerge(PreLLMStage):
                 origin.append(item.origin[i][result.kept_indices[j]])
                 old = item.groups[i]
                 groups.append(torch.where(old >= 0, result.assignment[j][old.clamp(min=0)], old))
-        return VisualItem(frames, item.grid, origin, groups, item.sample, item.kind, item.signals)
+        return replace(item, frames=frames, origin=origin, groups=groups)
 
     def planned_tokens(self, tokens_per_frame: int) -> int:
         return tokens_per_frame - sum(merge_schedule(tokens_per_frame, self.keep))

@@ -58,8 +58,8 @@ class LlavaAdapter(ModelAdapter):
             )
         features = encoded.pooler_output  # list of [T, C], one per image
         signals = {}
+        has_cls = "siglip" not in type(self.multimodal_module.vision_tower).__name__.lower()
         if needs:
-            has_cls = "siglip" not in type(self.multimodal_module.vision_tower).__name__.lower()
             signals = vision_signals(probe, needs, has_cls, prefix=1 if strategy == "default" else 0)
         # Which batch row each image belongs to: images fill the placeholder runs in row-major order.
         placeholder = input_ids == self.visual_token_ids[0]
@@ -70,7 +70,10 @@ class LlavaAdapter(ModelAdapter):
             grid = (side, side) if side * side == image.shape[0] else (1, image.shape[0])
             sample = int(row_of_token[start]) if start < row_of_token.numel() else 0
             item_signals = {name: value[index : index + 1] for name, value in signals.items()}
-            items.append(VisualItem.from_frames(image[None], grid, sample, signals=item_signals))
+            item = VisualItem.from_frames(image[None], grid, sample, signals=item_signals)
+            if needs and not has_cls:
+                item.info["cls_substitute"] = "no CLS token: the mean of all tokens is the query"
+            items.append(item)
             start += image.shape[0]
         return items
 

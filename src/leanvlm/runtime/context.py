@@ -25,14 +25,20 @@ class TokenLayout:
     question: torch.Tensor
 
     @classmethod
-    def from_ids(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, visual_ids: list[int]) -> TokenLayout:
-        """input_ids [B, N0] long, attention_mask [B, N0] (or None: all valid)."""
-        visual = torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device))
-        valid = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
-        visual &= valid
+    def from_ids(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, visual_ids: list[int],
+                 protected: torch.Tensor | None = None) -> TokenLayout:
+        """input_ids [B, N0] long, attention_mask [B, N0] (or None: all valid).
+
+        protected [B, N0] bool (or None): placeholder positions that carry a separator the model inserts
+        itself (LLaVA-OneVision's image newline). They are neither visual (never reduced) nor question tokens.
+        """
+        placeholder = torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device))
+        valid = torch.ones_like(placeholder) if attention_mask is None else attention_mask.bool()
+        placeholder &= valid
+        visual = placeholder if protected is None else placeholder & ~protected
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last_visual = torch.where(visual, positions, -1).amax(dim=1, keepdim=True)  # [B, 1]
-        text = valid & ~visual
+        last_visual = torch.where(placeholder, positions, -1).amax(dim=1, keepdim=True)  # [B, 1]
+        text = valid & ~placeholder
         after = text & (positions > last_visual)
         question = torch.where(after.any(dim=1, keepdim=True), after, text)
         return cls(visual=visual, valid=valid, question=question)

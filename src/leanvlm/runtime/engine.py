@@ -35,7 +35,7 @@ from leanvlm.models import get_adapter
 from leanvlm.ops.select import FILLER, gather_slots, pack_right, top_k_mask
 from leanvlm.runtime.context import LayerContext, TokenLayout
 from leanvlm.runtime.masks import reduced_attention_mask
-from leanvlm.runtime.visual import ShrunkSequence
+from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 from leanvlm.stats import ReductionStats, build_stats
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class ForwardState:
     layer_tokens: list[torch.Tensor] = field(default_factory=list)  # per layer [B]: real tokens computed on
     layer_visual: list[torch.Tensor] = field(default_factory=list)
     visual_in: torch.Tensor | None = None  # [B] visual tokens out of the projector
+    visual_items: list[VisualItem] = field(default_factory=list)  # after the pre-LLM stages
     seconds: float = 0.0
 
 
@@ -134,10 +135,14 @@ class AppliedMethod:
         def generate(*args: Any, **kwargs: Any) -> Any:
             self._generate_calls += 1
             self._generate_call, self.session = self._generate_calls, None
+            # generate pre-encodes the pixels and drops the inputs its encoder consumed (image sizes, grids)
+            # from the forwards' kwargs; adapters look them up in the caller's inputs
+            self.adapter.generate_inputs = kwargs
             try:
                 return inner_generate(*args, **kwargs)
             finally:
                 self._generate_call = None
+                self.adapter.generate_inputs = None
 
         self.model.generate = generate
         self._had_own_generate = had_own
@@ -196,7 +201,10 @@ class AppliedMethod:
             raise ValueError("leanvlm finds the visual tokens from input_ids; call the model with input_ids, not inputs_embeds")
         original_length = input_ids.shape[1]
         visual_in = shrunk = None
+        items: list[VisualItem] = []
+        reduced = False
         if self.pre_stages and self.adapter.has_visual_input(kwargs):
+            reduced = True
             items = self.adapter.encode_visual(kwargs, self.needs, self._probe)
             visual_in = torch.zeros(input_ids.shape[0], dtype=torch.long)
             for item in items:
@@ -206,17 +214,19 @@ class AppliedMethod:
             kwargs, shrunk = self.adapter.rebuild_inputs(kwargs, items)
         mask = kwargs.get("attention_mask")
         layout = TokenLayout.from_ids(kwargs["input_ids"], mask if mask is not None and mask.dim() == 2 else None,
-                                      self.adapter.visual_token_ids)
+                                      self.adapter.visual_token_ids,
+                                      self.adapter.protected_placeholders(kwargs, items if reduced else None))
         if phase is Phase.PREFILL:
             self.session = Session(self._generate_call, layout.visual.shape[1], original_length, shrunk)
-        return ForwardState(phase, self.session, layout=layout, visual_in=visual_in), kwargs
+        return ForwardState(phase, self.session, layout=layout, visual_in=visual_in, visual_items=items), kwargs
 
     def _after_multimodal(self, module: nn.Module, args: tuple, output: Any) -> None:
         fwd, self.fwd = self.fwd, None
         if fwd is None:
             return
         if fwd.phase is Phase.PREFILL and fwd.layer_tokens:
-            self.method.stats = build_stats(self.adapter, fwd.layout, fwd.visual_in, fwd.layer_tokens, fwd.layer_visual, fwd.seconds)
+            self.method.stats = build_stats(self.adapter, fwd.layout, fwd.visual_in, fwd.layer_tokens, fwd.layer_visual,
+                                            fwd.seconds, fwd.visual_items)
         elif self.method.stats is not None:
             self.method.stats.reduction_seconds += fwd.seconds
 

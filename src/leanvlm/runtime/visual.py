@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ class VisualItem:
     sample: int
     kind: str = "image"
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_frames(cls, frames: torch.Tensor | list[torch.Tensor], grid: tuple[int, int], sample: int, kind: str = "image",

@@ -1,0 +1,147 @@
+"""Methods by name (for the CLI and sweeps), and a common visual-token budget mapped to each method's knobs.
+
+    make_method("visionzip", keep=0.25)
+    make_method("pyramiddrop", **budget_options("pyramiddrop", 0.25, num_layers=32))
+
+Adding a method is one line in `METHODS`; if its class has a classmethod
+`budget_options(keep_fraction, num_layers) -> dict`, `budget_options` uses it (FastV and AIM predate that
+hook, so their mappings live here in `_BUDGETS`).
+
+The common budget is the fraction of the visual tokens (as they come out of the projector) that the LLM
+processes, averaged over its decoder layers: mean_l V_l / V_in, where V_l counts the visual tokens layer l
+computes on (`SampleStats.layer_visual_tokens`, measured by `visual_budget`). How each method maps a budget b
+(L = decoder layers; counts round per frame / per layer, so the realised budget is within rounding of b):
+- visionzip, random, pool: every layer sees the pre-LLM count, so keep = b (pool's grid rounding is coarser,
+  see `Pool`).
+- prumerge, prumerge+: the fixed-budget variant keep = b (the paper's adaptive IQR count has no knob).
+- fastv: layers 0..K see everything and the rest keep R, so R = (b L - (K + 1)) / (L - K - 1) at the
+  default K = 2 (K lowered to 1, then 0, when b is too small for K = 2; ValueError below 1 / L).
+- pyramiddrop: one ratio lambda per stage (of the previous count) at the depth-scaled default layers, solved
+  so the layer mean equals b (see `PyramidDrop.budget_options`).
+- aim: default l1 / l2 for the depth; P = the mean over layers of the progressive-prune fraction (runtime
+  accounting: layers 0..l1 see all, layer l sees keep(l - 1)); merge_keep = b / P with pruning when b <= P,
+  else merge_keep = b without pruning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from leanvlm.methods.aim import AIM
+from leanvlm.methods.base import Method, check_fraction
+from leanvlm.methods.fastv import FastV
+from leanvlm.methods.pool import Pool
+from leanvlm.methods.prumerge import PruMerge, PruMergePlus
+from leanvlm.methods.pyramiddrop import PyramidDrop
+from leanvlm.methods.randomdrop import RandomDrop
+from leanvlm.methods.visionzip import VisionZip
+from leanvlm.ops.schedule import default_prune_layers, progressive_keep
+from leanvlm.stats import SampleStats
+
+#: CLI name -> method class. Add a method with one line here.
+METHODS: dict[str, type[Method]] = {
+    "fastv": FastV,
+    "aim": AIM,
+    "visionzip": VisionZip,
+    "prumerge": PruMerge,
+    "prumerge+": PruMergePlus,
+    "pyramiddrop": PyramidDrop,
+    "random": RandomDrop,
+    "pool": Pool,
+}
+
+
+def _lookup(name: str) -> type[Method]:
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    return METHODS[key]
+
+
+def make_method(name: str, **options: Any) -> Method:
+    """A method by registry name (case-insensitive), with its constructor options.
+
+    ValueError listing the known names for an unknown method, and listing the method's options for an
+    unknown option; the constructor's own ValueErrors for bad values.
+    """
+    cls = _lookup(name)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"{name!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(known)}")
+    return cls(**options)
+
+
+def _num_layers(model_or_layers: Any) -> int:
+    if isinstance(model_or_layers, bool):
+        raise ValueError(f"num_layers must be a positive int or a model / config, got {model_or_layers!r}")
+    if isinstance(model_or_layers, int):
+        layers = model_or_layers
+    else:
+        from leanvlm.flops import LLMShape
+
+        layers = LLMShape.from_config(getattr(model_or_layers, "config", model_or_layers)).layers
+    if layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {layers}")
+    return layers
+
+
+def _fastv_budget(keep_fraction: float, num_layers: int) -> dict[str, Any]:
+    for layer in (2, 1, 0):
+        if layer > num_layers - 2:
+            continue
+        full = layer + 1
+        rest = num_layers - full
+        keep = (keep_fraction * num_layers - full) / rest
+        if keep > 0:
+            return {"layer": layer, "keep": min(1.0, keep)}
+    raise ValueError(
+        f"FastV cannot reach a visual-token budget of {keep_fraction:.4g} on {num_layers} layers "
+        f"(layer 0 alone costs {1 / num_layers:.4g}; FastV needs at least 2 layers)"
+    )
+
+
+def _aim_prune_mean(num_layers: int) -> float:
+    l1, l2 = default_prune_layers(num_layers)
+    fractions = [1.0 if layer <= l1 else progressive_keep(layer - 1, l1, l2) for layer in range(num_layers)]
+    return sum(fractions) / num_layers
+
+
+def _aim_budget(keep_fraction: float, num_layers: int) -> dict[str, Any]:
+    prune_mean = _aim_prune_mean(num_layers)
+    if keep_fraction <= prune_mean:
+        return {"merge_keep": keep_fraction / prune_mean, "prune": True}
+    return {"merge_keep": keep_fraction, "prune": False}
+
+
+_BUDGETS: dict[str, Callable[[float, int], dict[str, Any]]] = {"fastv": _fastv_budget, "aim": _aim_budget}
+
+
+def budget_options(name: str, keep_fraction: float, num_layers: Any) -> dict[str, Any]:
+    """Options that make method `name` process about `keep_fraction` of the visual tokens, averaged over
+    the LLM's decoder layers (see the module doc for each mapping). num_layers: the LLM depth, or a model /
+    config to read it from. Pass the result to `make_method(name, **options)`."""
+    cls = _lookup(name)
+    check_fraction("keep_fraction", keep_fraction)
+    layers = _num_layers(num_layers)
+    key = name.strip().lower()
+    if key in _BUDGETS:
+        return _BUDGETS[key](keep_fraction, layers)
+    mapping = getattr(cls, "budget_options", None)
+    if mapping is None:
+        raise ValueError(f"method {name!r} has no budget mapping; give its options explicitly")
+    return mapping(keep_fraction, layers)
+
+
+def method_for_budget(name: str, keep_fraction: float, num_layers: Any, **options: Any) -> Method:
+    """`make_method(name, **budget_options(name, keep_fraction, num_layers), **options)`."""
+    return make_method(name, **{**budget_options(name, keep_fraction, num_layers), **options})
+
+
+def visual_budget(sample: SampleStats) -> float:
+    """The realised budget of one sample: mean over layers of its visual tokens / the projector's count."""
+    if sample.visual_in == 0:
+        return 1.0
+    return sum(sample.layer_visual_tokens) / (len(sample.layer_visual_tokens) * sample.visual_in)
