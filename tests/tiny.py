@@ -13,18 +13,18 @@ PATCHES = 16  # 32px images, patch 8 -> 4 x 4
 
 
 def tiny_llava(text: str = "llama", attn: str = "sdpa", layers: int = 6, seed: int = 0,
-               vision_tower: str = "clip") -> LlavaForConditionalGeneration:
+               vision_tower: str = "clip", image_size: int = 32) -> LlavaForConditionalGeneration:
     """LLaVA-1.5-shaped model: CLIP tower (with CLS; or SigLIP, without) + Llama or Qwen2 text model with GQA."""
     torch.manual_seed(seed)
     vision_cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[vision_tower]
     vision = vision_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                        image_size=32, patch_size=8)
+                        image_size=image_size, patch_size=8)
     text_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text]
     text_config = text_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=PAD, initializer_range=0.2,
                            tie_word_embeddings=False)
     config = LlavaConfig(vision_config=vision, text_config=text_config, image_token_index=IMAGE_TOKEN,
-                         image_seq_length=PATCHES, vision_feature_layer=-2,
+                         image_seq_length=(image_size // 8) ** 2, vision_feature_layer=-2,
                          vision_feature_select_strategy="default" if vision_tower == "clip" else "full")
     config._attn_implementation = attn
     model = LlavaForConditionalGeneration(config).eval()

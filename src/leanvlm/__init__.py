@@ -7,26 +7,31 @@
     method.stats
 """
 
-from leanvlm.methods import AIM, ITP, Compose, FastV, InflectionCut, LLMStage, Method, PreLLMStage, ProgressivePrune, Selection, TextRelevancePrune, TokenMerge
+from leanvlm.methods import (
+    AIM,
+    ITP,
+    METHODS,
+    Compose,
+    FastV,
+    LLMStage,
+    Method,
+    Pool,
+    PreLLMStage,
+    PruMerge,
+    PruMergePlus,
+    PyramidDrop,
+    RandomDrop,
+    Selection,
+    VisionZip,
+    make_method,
+)
 from leanvlm.models import supported_models
 from leanvlm.stats import ReductionStats, SampleStats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AIM",
-    "Compose",
-    "FastV",
-    "ITP",
-    "InflectionCut",
-    "LLMStage",
-    "Method",
-    "PreLLMStage",
-    "ProgressivePrune",
-    "ReductionStats",
-    "SampleStats",
-    "Selection",
-    "TextRelevancePrune",
-    "TokenMerge",
-    "supported_models",
+    "AIM", "ITP", "METHODS", "Compose", "FastV", "LLMStage", "Method", "Pool", "PreLLMStage", "PruMerge",
+    "PruMergePlus", "PyramidDrop", "RandomDrop", "ReductionStats", "SampleStats", "Selection", "VisionZip",
+    "make_method", "supported_models",
 ]

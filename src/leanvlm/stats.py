@@ -48,6 +48,9 @@ class ReductionStats:
     notes: list[str] = field(default_factory=list)
     #: the reduced images/videos of the prompt (pre-LLM stages only), for visualisation
     visual_items: list[VisualItem] = field(default_factory=list, repr=False)
+    #: per sample: for every visual token that entered the LLM (sequence order), how many decoder layers
+    #: computed on it (the model's depth if no in-LLM stage dropped it), for visualisation
+    visual_depth: list[list[int]] = field(default_factory=list, repr=False)
 
     @property
     def flops_ratio(self) -> float:
@@ -105,3 +108,20 @@ def build_stats(
     if int(into_llm.sum()) == 0 and int(visual_in.sum()) == 0:
         notes.append("no visual tokens in the input: ran unchanged")
     return ReductionStats(samples, seconds, notes, visual_items)
+
+
+def visual_depth(visual: torch.Tensor, decisions: dict[int, torch.Tensor], num_layers: int) -> list[list[int]]:
+    """Per sample, the number of decoder layers that computed on each of its visual tokens (sequence order).
+
+    visual [B, N0] bool: visual tokens of the LLM input. decisions: drop layer -> [B, K] positions (in the
+    LLM input) of the tokens kept after that layer, -1 = filler (`runtime.engine.Session.decisions`).
+    A token missing from decisions[l] was computed on by layers 0..l, so its depth is l + 1.
+    """
+    batch, length = visual.shape
+    depth = torch.full((batch, length), num_layers, dtype=torch.long)
+    for layer in sorted(decisions, reverse=True):  # the earliest layer that lost a token wins
+        kept = decisions[layer].cpu()
+        alive = torch.zeros(batch, length + 1, dtype=torch.bool)
+        alive.scatter_(1, torch.where(kept >= 0, kept, length), True)
+        depth[~alive[:, :length]] = layer + 1
+    return [depth[b][visual[b].cpu()].tolist() for b in range(batch)]

@@ -2,7 +2,19 @@
 
 from leanvlm.methods.aim import AIM, ProgressivePrune, TokenMerge
 from leanvlm.methods.base import Compose, LLMStage, Method, PreLLMStage, Selection
-from leanvlm.methods.fastv import FastV
+from leanvlm.methods.fastv import FastV, LastTokenAttentionDrop
 from leanvlm.methods.itp import ITP, InflectionCut, TextRelevancePrune
+from leanvlm.methods.pool import GridPool, Pool
+from leanvlm.methods.prumerge import OutlierPruneMerge, PruMerge, PruMergePlus
+from leanvlm.methods.pyramiddrop import PyramidDrop, PyramidStages
+from leanvlm.methods.randomdrop import RandomDrop, RandomSelect
+from leanvlm.methods.registry import METHODS, budget_options, make_method, method_for_budget, visual_budget
+from leanvlm.methods.visionzip import DominantContextual, VisionZip
 
-__all__ = ["AIM", "Compose", "FastV", "ITP", "InflectionCut", "LLMStage", "Method", "PreLLMStage", "ProgressivePrune", "Selection", "TextRelevancePrune", "TokenMerge"]
+__all__ = [
+    "AIM", "Compose", "DominantContextual", "FastV", "GridPool", "ITP", "InflectionCut", "LLMStage",
+    "LastTokenAttentionDrop", "METHODS", "Method", "OutlierPruneMerge", "Pool", "PreLLMStage", "ProgressivePrune",
+    "PruMerge", "PruMergePlus", "PyramidDrop", "PyramidStages", "RandomDrop", "RandomSelect", "Selection",
+    "TextRelevancePrune", "TokenMerge", "VisionZip", "budget_options", "make_method", "method_for_budget",
+    "visual_budget",
+]

@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from leanvlm.methods.base import LLMStage, Method, PreLLMStage, Selection, check_fraction, keep_count
 from leanvlm.runtime.context import LayerContext
 
@@ -31,9 +29,7 @@ class LastTokenAttentionDrop(LLMStage):
         return [self.layer]
 
     def select(self, ctx: LayerContext) -> Selection:
-        batch, length = ctx.index.shape
-        last = torch.full((batch, 1), length - 1, dtype=torch.long, device=ctx.index.device)
-        scores = ctx.attention_from(last)  # [B, N]
+        scores = ctx.attention_from(ctx.last_slot)  # [B, N]
         candidates = ctx.visual
         return Selection(scores, candidates, keep_count(self.keep, candidates.sum(dim=1)))
 

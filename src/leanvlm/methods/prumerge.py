@@ -38,7 +38,7 @@ Deviations from the published code (which we read for facts only):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -82,8 +82,9 @@ class OutlierPruneMerge(PreLLMStage):
         fraction = PAPER_AVERAGE_FRACTION * (1 + self.spatial if self.plus else 1)
         return min(tokens_per_frame, max(self.min_tokens, round(fraction * tokens_per_frame)))
 
-    def select(self, attention: torch.Tensor) -> torch.Tensor:
-        """Kept positions of one frame from its CLS attention [T] -> [T] bool."""
+    def select(self, attention: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Kept positions of one frame from its CLS attention [T] -> ([T] bool, how many were chosen by
+        score: the IQR outliers (at least min_tokens), or the top ones with `keep`)."""
         tokens = attention.shape[0]
         order = torch.sort(attention, descending=True, stable=True).indices
         kept = torch.zeros(tokens, dtype=torch.bool, device=attention.device)
@@ -91,8 +92,8 @@ class OutlierPruneMerge(PreLLMStage):
             kept = iqr_outliers(attention[None], self.iqr_factor)[0]
             if int(kept.sum()) < self.min_tokens:
                 kept[order[: min(self.min_tokens, tokens)]] = True
-            outliers = int(kept.sum())
-            extra = min(self.spatial * outliers, tokens - outliers) if self.plus else 0
+            top = int(kept.sum())
+            extra = min(self.spatial * top, tokens - top) if self.plus else 0
         else:
             budget = min(tokens, max(1, round(self.keep * tokens)))
             top = max(1, round(budget / (1 + self.spatial))) if self.plus else budget
@@ -100,21 +101,28 @@ class OutlierPruneMerge(PreLLMStage):
             extra = budget - top
         if extra:
             kept[evenly_spaced(~kept, extra)] = True
-        return kept
+        return kept, top
 
     def reduce(self, item: VisualItem) -> VisualItem:
-        results = [self._frame(item, f) for f in range(len(item.frames))]
+        """Reduce every frame; reports per item `info["prumerge_by_score"]`: the tokens chosen by CLS attention
+        (IQR outliers, or the top ones with `keep`) per frame (an int for a single image), before "+" samples."""
+        chosen: list[int] = []
+        results = [self._frame(item, f, chosen) for f in range(len(item.frames))]
+        info = {**item.info, "prumerge_by_score": chosen if len(chosen) > 1 else chosen[0]} if chosen else item.info
         if all(r is None for r in results):
-            return item
-        return rebuild(item, [FrameGroups.identity(frame) if r is None else r for frame, r in zip(item.frames, results)])
+            return replace(item, info=info)
+        reduced = rebuild(item, [FrameGroups.identity(frame) if r is None else r for frame, r in zip(item.frames, results)])
+        return replace(reduced, info=info)
 
-    def _frame(self, item: VisualItem, f: int) -> FrameGroups | None:
+    def _frame(self, item: VisualItem, f: int, chosen: list[int]) -> FrameGroups | None:
         frame = item.frames[f]
         tokens = frame.shape[0]
         if tokens == 0:
+            chosen.append(0)
             return None
         attention = frame_signal(item, "cls_attention", f, "PruMerge").float()
-        kept_mask = self.select(attention)
+        kept_mask, by_score = self.select(attention)
+        chosen.append(by_score)
         if bool(kept_mask.all()):
             return None
         device = frame.device

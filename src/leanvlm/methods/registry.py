@@ -18,6 +18,8 @@ computes on (`SampleStats.layer_visual_tokens`, measured by `visual_budget`). Ho
   default K = 2 (K lowered to 1, then 0, when b is too small for K = 2; ValueError below 1 / L).
 - pyramiddrop: one ratio lambda per stage (of the previous count) at the depth-scaled default layers, solved
   so the layer mean equals b (see `PyramidDrop.budget_options`).
+- itp: none: its stage 1 keeps an input-dependent count (the knee), so a sweep runs it at its own options
+  and reports the budget it reached.
 - aim: default l1 / l2 for the depth; P = the mean over layers of the progressive-prune fraction (runtime
   accounting: layers 0..l1 see all, layer l sees keep(l - 1)); merge_keep = b / P with pruning when b <= P,
   else merge_keep = b without pruning.
@@ -32,6 +34,7 @@ from typing import Any
 from leanvlm.methods.aim import AIM
 from leanvlm.methods.base import Method, check_fraction
 from leanvlm.methods.fastv import FastV
+from leanvlm.methods.itp import ITP
 from leanvlm.methods.pool import Pool
 from leanvlm.methods.prumerge import PruMerge, PruMergePlus
 from leanvlm.methods.pyramiddrop import PyramidDrop
@@ -44,6 +47,7 @@ from leanvlm.stats import SampleStats
 METHODS: dict[str, type[Method]] = {
     "fastv": FastV,
     "aim": AIM,
+    "itp": ITP,
     "visionzip": VisionZip,
     "prumerge": PruMerge,
     "prumerge+": PruMergePlus,

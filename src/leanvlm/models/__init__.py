@@ -6,8 +6,11 @@ from torch import nn
 
 from leanvlm.models.base import ModelAdapter
 from leanvlm.models.llava import LlavaAdapter
+from leanvlm.models.llava_next_video import LlavaNextVideoAdapter
+from leanvlm.models.onevision import OneVisionAdapter
+from leanvlm.models.qwen2_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, OneVisionAdapter, LlavaNextVideoAdapter, QwenVLAdapter)
 
 
 def supported_models() -> list[str]:

@@ -35,6 +35,9 @@ class ModelAdapter(ABC):
 
     def __init__(self, model: nn.Module):
         self.model = model
+        #: the caller's kwargs while the runtime's wrapped `generate` runs (None otherwise): generate
+        #: pre-encodes the pixels and drops what its encoder consumed (image sizes, grids) from the forwards
+        self.generate_inputs: dict[str, Any] | None = None
 
     # --- where things are -------------------------------------------------------------------------
     @property
@@ -98,13 +101,32 @@ class ModelAdapter(ABC):
         return tuple(gather_slots(t, index, fill=None) for t in position_embeddings)
 
     def gather_position_ids(self, position_ids: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
-        """position_ids [B or 1, N] -> [B, N'] for the slots in index."""
-        return None if position_ids is None else gather_slots(position_ids, index, fill=None)
+        """position_ids [B or 1, N] -> [B, N'] for the slots in index; multi-row layouts [R, B or 1, N]
+        (M-RoPE's 3 rows, or 4 with the text row first) -> [R, B, N'] row by row."""
+        if position_ids is None:
+            return None
+        if position_ids.dim() == 3:
+            return torch.stack([gather_slots(row, index, fill=None) for row in position_ids])
+        return gather_slots(position_ids, index, fill=None)
 
     # --- pre-LLM -------------------------------------------------------------------------------------
     def has_visual_input(self, kwargs: dict[str, Any]) -> bool:
         """Whether this forward carries pixels to encode (a prefill with images/videos)."""
         return kwargs.get("pixel_values") is not None
+
+    def visual_input(self, kwargs: dict[str, Any], name: str) -> Any:
+        """The forward kwarg `name` or, when the forward runs inside `generate` that consumed it while
+        pre-encoding the pixels (e.g. `image_sizes`, `image_grid_thw`), the value the caller passed."""
+        value = kwargs.get(name)
+        if value is None and self.generate_inputs is not None:
+            value = self.generate_inputs.get(name)
+        return value
+
+    def protected_placeholders(self, kwargs: dict[str, Any], items: list[VisualItem] | None) -> torch.Tensor | None:
+        """[B, N] bool over kwargs["input_ids"]: placeholder positions that hold separators the model inserts
+        itself (never reduced, not visual), or None when the family has none. items: the reduced items the
+        input was rebuilt from, or None when no pre-LLM stage ran (the layout follows the pixel inputs)."""
+        return None
 
     def install_vision_probe(self) -> VisionProbe:
         """Start capturing the vision layer that signals (CLS attention, keys) are computed from."""

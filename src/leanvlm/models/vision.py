@@ -11,6 +11,10 @@ Signals (each [N, T] for N images of T patch tokens, or [N, T, D] for "keys"):
 - "keys": the layer's patch keys, heads concatenated (VisionZip merges contextual tokens by these).
 Towers without a CLS token (SigLIP) use the mean of all tokens as the query / reference vector instead;
 `has_cls=False` marks that substitute (reported by the stages that use it).
+
+Packed towers (Qwen2-VL / Qwen2.5-VL: every image and frame in ONE sequence, fused `qkv`, no CLS, 2-D
+rotary, 2 x 2 patch merger) use `packed_vision_signals`: per frame, mean-token query, values summed or
+averaged over each LLM token's merge unit, Qwen2.5-VL's window permutation undone (`restore_unit_order`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class VisionProbe:
         self.attn = layer_attention(layer)
         self.attn_input: torch.Tensor | None = None  # [N, S, D]
         self.output: torch.Tensor | None = None  # [N, S, D]
+        #: the last two (attn_input, output) captures, oldest first: `generate` encodes a prompt's images and
+        #: then its videos before the first forward, so a mixed prompt leaves one capture per modality
+        self.history: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handles = [self.attn.register_forward_pre_hook(self._before_attention, with_kwargs=True),
                          layer.register_forward_hook(self._after_layer)]
 
@@ -62,6 +69,14 @@ class VisionProbe:
 
     def _after_layer(self, module: nn.Module, args: tuple, output: object) -> None:
         self.output = (output[0] if isinstance(output, tuple) else output).detach()
+        self.history = [*self.history, (self.attn_input, self.output)][-2:]
+
+    def capture(self, back: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attn_input, output) of the `back`-th most recent vision forward (0 = the last one)."""
+        if back >= len(self.history):
+            raise ValueError("vision signals are needed but the vision tower has not run while the method was applied "
+                             "(pass pixel values, not precomputed features, to the model)")
+        return self.history[-1 - back]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -83,8 +98,9 @@ def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vision_signals(probe: VisionProbe, needs: frozenset[str], has_cls: bool, prefix: int) -> dict[str, torch.Tensor]:
-    """Compute the requested signals for the patch tokens `prefix:` of every image of the last capture.
+def vision_signals(probe: VisionProbe, needs: frozenset[str], has_cls: bool, prefix: int, back: int = 0) -> dict[str, torch.Tensor]:
+    """Compute the requested signals for the patch tokens `prefix:` of every image of a capture (`back`: see
+    `VisionProbe.capture`; 0 = the last vision forward).
 
     prefix: tokens before the patches that the projector drops (1 for the CLS that LLaVA's "default"
     strategy removes). The attention module must have q_proj, k_proj, head_dim and scale/scaling.
@@ -92,10 +108,8 @@ def vision_signals(probe: VisionProbe, needs: frozenset[str], has_cls: bool, pre
     unknown = needs - SIGNALS
     if unknown:
         raise ValueError(f"unknown vision signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
-    if probe.attn_input is None:
-        raise ValueError("vision signals are needed but the vision tower has not run while the method was applied "
-                         "(pass pixel values, not precomputed features, to the model)")
-    attn, hidden = probe.attn, probe.attn_input.float()
+    attn_input, output = probe.capture(back)
+    attn, hidden = probe.attn, attn_input.float()
     signals: dict[str, torch.Tensor] = {}
     weight = {name: p.float() for name, p in attn.named_parameters()}
     keys = nn.functional.linear(hidden, weight["k_proj.weight"], weight.get("k_proj.bias"))  # [N, S, H*d]
@@ -106,9 +120,66 @@ def vision_signals(probe: VisionProbe, needs: frozenset[str], has_cls: bool, pre
         probs = torch.softmax(query @ _heads(attn, keys).transpose(-1, -2) * scale, dim=-1)  # [N, H, 1, S]
         signals["cls_attention"] = probs.mean(dim=1)[:, 0, prefix:]
     if "cls_similarity" in needs:
-        out = probe.output.float()
+        out = output.float()
         reference = out[:, :1] if has_cls else out.mean(dim=1, keepdim=True)
         signals["cls_similarity"] = torch.cosine_similarity(out[:, prefix:], reference, dim=-1)
     if "keys" in needs:
         signals["keys"] = keys[:, prefix:]
+    return signals
+
+
+def restore_unit_order(values: torch.Tensor, merge_unit: int, order: torch.Tensor) -> torch.Tensor:
+    """[S, D] in a tower's permuted merge-unit order (slot i holds unit order[i]) -> original order."""
+    restore = torch.argsort(order.to(values.device))
+    return values.view(-1, merge_unit, values.shape[-1])[restore].reshape(values.shape)
+
+
+@torch.no_grad()
+def packed_vision_signals(probe: VisionProbe, needs: frozenset[str], frame_patches: list[int], merge_unit: int,
+                          order: torch.Tensor | None = None, back: int = 0) -> dict[str, list[torch.Tensor]]:
+    """Signals for towers that run all images/frames as ONE packed sequence with a fused `qkv` projection and
+    no CLS token (Qwen2-VL / Qwen2.5-VL `blocks`), per LLM token, one tensor per frame.
+
+    The capture is [S, D] (S = sum(frame_patches) patches, no batch dimension). frame_patches: patches of
+    every frame in sequence order; merge_unit: consecutive patches that the merger turns into one LLM token
+    (spatial_merge_size ** 2); order [S // merge_unit]: the merge units' original index at each sequence
+    slot when the tower permutes them (Qwen2.5-VL window attention), None otherwise.
+
+    Substitutes (deviation, no CLS): "cls_attention" is the attention of the frame's mean-pooled token as
+    the query to the frame's patch keys, head-averaged, softmax over the frame, WITHOUT the tower's 2-D
+    rotary embedding (a mean token has no position) and regardless of the tower's window layout;
+    "cls_similarity" is the cosine of each patch output with the frame's mean output. A token's value is
+    the sum (attention) or mean (similarity, keys) over its merge unit's patches.
+    -> name -> list over frames of [T_f] ("keys": [T_f, D]) with T_f = frame_patches[f] // merge_unit.
+    """
+    unknown = needs - SIGNALS
+    if unknown:
+        raise ValueError(f"unknown vision signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
+    attn_input, output = probe.capture(back)
+    attn = probe.attn
+    hidden, out = attn_input.float(), output.float()
+    if order is not None:
+        hidden, out = (restore_unit_order(t, merge_unit, order) for t in (hidden, out))
+    dim = hidden.shape[-1]
+    weight, bias = attn.qkv.weight.float(), attn.qkv.bias
+    bias = bias.float() if bias is not None else torch.zeros(3 * dim, device=hidden.device)
+    keys = nn.functional.linear(hidden, weight[dim:2 * dim], bias[dim:2 * dim])  # [S, D]
+    heads, head_dim = attn.num_heads, dim // attn.num_heads
+    scale = getattr(attn, "scaling", None) or head_dim ** -0.5
+    signals: dict[str, list[torch.Tensor]] = {name: [] for name in needs}
+    start = 0
+    for patches in frame_patches:
+        frame = slice(start, start + patches)
+        start += patches
+        tokens = patches // merge_unit
+        if "cls_attention" in needs:
+            query = nn.functional.linear(hidden[frame].mean(dim=0), weight[:dim], bias[:dim]).view(heads, head_dim)
+            logits = torch.einsum("hd,shd->hs", query, keys[frame].view(patches, heads, head_dim)) * scale
+            probs = torch.softmax(logits, dim=-1).mean(dim=0)  # [patches]
+            signals["cls_attention"].append(probs.view(tokens, merge_unit).sum(dim=1))
+        if "cls_similarity" in needs:
+            sim = torch.cosine_similarity(out[frame], out[frame].mean(dim=0, keepdim=True), dim=-1)
+            signals["cls_similarity"].append(sim.view(tokens, merge_unit).mean(dim=1))
+        if "keys" in needs:
+            signals["keys"].append(keys[frame].view(tokens, merge_unit, dim).mean(dim=1))
     return signals

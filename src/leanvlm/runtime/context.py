@@ -82,6 +82,12 @@ class LayerContext:
         """[B, N] bool: instruction tokens (see TokenLayout)."""
         return self._role(self.layout.question)
 
+    @property
+    def last_slot(self) -> torch.Tensor:
+        """[B, 1] long: the slot of each row's last real token (the last slot under left padding)."""
+        slots = torch.arange(self.index.shape[1], device=self.index.device)
+        return torch.where(self.present, slots, -1).amax(dim=1, keepdim=True).clamp(min=0)
+
     def queries_keys(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """This layer's post-RoPE queries for slot index `rows` [B, R] (None: all) and keys of all slots.
 

@@ -36,7 +36,7 @@ from leanvlm.ops.select import FILLER, gather_slots, pack_right, top_k_mask
 from leanvlm.runtime.context import LayerContext, TokenLayout
 from leanvlm.runtime.masks import reduced_attention_mask
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem
-from leanvlm.stats import ReductionStats, build_stats
+from leanvlm.stats import ReductionStats, build_stats, visual_depth
 
 if TYPE_CHECKING:
     from leanvlm.methods.base import Method
@@ -77,7 +77,8 @@ class ForwardState:
     index: torch.Tensor | None = None  # [B, N] current slots -> layer-0 positions; None = all of them
     past_length: int = 0
     attn_input: tuple[torch.Tensor, Any] | None = None
-    overrides: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    # gathered layer kwargs by (drop group: -1 in prefill/extend, id of the model's mask for the layer)
+    overrides: dict[tuple[int, int], dict[str, Any] | None] = field(default_factory=dict)
     layer_tokens: list[torch.Tensor] = field(default_factory=list)  # per layer [B]: real tokens computed on
     layer_visual: list[torch.Tensor] = field(default_factory=list)
     visual_in: torch.Tensor | None = None  # [B] visual tokens out of the projector
@@ -200,6 +201,11 @@ class AppliedMethod:
         if input_ids is None:
             raise ValueError("leanvlm finds the visual tokens from input_ids; call the model with input_ids, not inputs_embeds")
         original_length = input_ids.shape[1]
+        mask = kwargs.get("attention_mask")
+        if phase is Phase.PREFILL and self._generate_call is not None and mask is not None and mask.dim() == 2 \
+                and not bool(mask[:, -1].all()):
+            raise ValueError("generate got a right-padded batch; pad on the left (tokenizer.padding_side = 'left'), "
+                             "as decoder-only generation requires")
         visual_in = shrunk = None
         items: list[VisualItem] = []
         reduced = False
@@ -227,6 +233,7 @@ class AppliedMethod:
         if fwd.phase is Phase.PREFILL and fwd.layer_tokens:
             self.method.stats = build_stats(self.adapter, fwd.layout, fwd.visual_in, fwd.layer_tokens, fwd.layer_visual,
                                             fwd.seconds, fwd.visual_items)
+            self.method.stats.visual_depth = visual_depth(fwd.layout.visual, fwd.session.decisions, self.adapter.num_layers)
         elif self.method.stats is not None:
             self.method.stats.reduction_seconds += fwd.seconds
 
@@ -265,10 +272,10 @@ class AppliedMethod:
             fwd.layer_visual.append(gather_slots(fwd.layout.visual, fwd.index, fill=False).sum(dim=1))
 
     def _prompt_override(self, layer: int, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Prefill/extend: rows and columns are the current slots."""
+        """Prefill/extend: rows and columns are the current slots (the cache is emptied at every drop)."""
         fwd = self.fwd
         base = kwargs.get("attention_mask")
-        key = (id(fwd.index), id(base))
+        key = (-1, id(base))  # the model keeps `base` alive for the whole forward
         if key not in fwd.overrides:
             index = fwd.index
             fwd.overrides[key] = {
@@ -329,6 +336,7 @@ class AppliedMethod:
                 fwd.seconds += time.perf_counter() - start
                 return None  # nothing dropped: leave the sequence untouched (bit-exact)
             fwd.index = gather_slots(index, slots, fill=FILLER)
+            fwd.overrides.clear()  # they were gathered for the previous slots
             if fwd.phase is Phase.PREFILL:
                 fwd.session.decisions[layer] = fwd.index
             reduced = gather_slots(hidden, slots, fill=0)
@@ -354,6 +362,11 @@ class AppliedMethod:
             selection = stage.select(ctx)
         candidates = selection.candidates & (index >= 0)
         chosen = top_k_mask(selection.scores, candidates, selection.keep)
+        real = gather_slots(fwd.layout.valid, index, fill=False)
+        # Padding goes with the first real drop (fewer tokens, and every row then ends with its last real
+        # token whatever the padding side); a stage that keeps everything leaves the sequence untouched.
+        if bool((candidates & ~chosen).any()):
+            return real & (~candidates | chosen)
         return (index >= 0) & (~candidates | chosen)
 
     def _replay(self, layer: int, index: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,290 @@
+"""Measured prefill latency, decode speed, memory and KV cache of every method on a realistic model.
+
+Model: LLaVA-OneVision-0.5B-shaped (SigLIP-so400m-384 vision tower + Qwen2-0.5B LLM, the real config
+numbers, random weights: speed does not depend on weight values), fp32 on CPU. Workloads: videos of 8 and
+32 frames (196 tokens a frame after the model's 2x2 pooling) and one 384 px image (anyres).
+
+The vision tower computes the same thing whatever the method, so it runs ONCE per workload (timed and
+reported separately) and every method gets the same projector features as `mm_encoder_outputs` (what
+`generate` does too); methods that read vision-tower signals (ITP, VisionZip, PruMerge) get the capture
+of that one vision forward. What is timed per method is the LLM prefill (incl. the method's own
+reduction code), median of --repeats runs after one warm-up, then a cached greedy decode of --new-tokens.
+
+    python benchmarks/bench_speed.py                      # full run, writes benchmarks/results/speed.*
+    python benchmarks/bench_speed.py --tiny --repeats 1   # a smoke run on a tiny config (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+import leanvlm
+from leanvlm.methods.registry import make_method
+
+RESULTS = Path(__file__).parent / "results"
+IMAGE_TOKEN, VIDEO_TOKEN = 151646, 151647
+
+
+def build_model(tiny: bool) -> LlavaOnevisionForConditionalGeneration:
+    """LLaVA-OneVision-0.5B's architecture (config numbers of llava-hf/llava-onevision-qwen2-0.5b-ov-hf)."""
+    if tiny:
+        vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=56, patch_size=14, vision_use_head=False)
+        text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+        pinpoints = [[56, 56], [56, 112], [112, 56]]
+    else:
+        vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                                    image_size=384, patch_size=14, vision_use_head=False)
+        text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                           num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                           tie_word_embeddings=True)
+        pinpoints = [[384, 384], [384, 768], [768, 384], [768, 768]]
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                                  video_token_index=VIDEO_TOKEN, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints)
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = None  # decode exactly --new-tokens
+    return model
+
+
+@dataclass
+class Workload:
+    name: str
+    frames: int  # 0 for the image
+    input_ids: torch.Tensor
+    encoded: dict[str, Any]  # mm_encoder_outputs
+    vision_seconds: float
+    extra: dict[str, Any]  # other forward kwargs (image_sizes)
+
+
+def build_workload(model, name: str, frames: int, text_before: int = 14, text_after: int = 86) -> Workload:
+    """One prompt: ~100 text tokens around the visual span (SPEC 1c's video prompt size)."""
+    size = model.config.vision_config.image_size
+    gen = torch.Generator().manual_seed(frames)
+    kind = "video" if frames else "image"
+    extra: dict[str, Any] = {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        if frames:
+            pixels = torch.randn(1, frames, 3, size, size, generator=gen)
+            encoded = model.model.get_video_features(pixel_values_videos=pixels, vision_feature_layer=-1,
+                                                     vision_feature_select_strategy="full", return_dict=True)
+            count = encoded.pooler_output.shape[1]
+        else:
+            pixels = torch.randn(1, 2, 3, size, size, generator=gen)  # base tile + one high-resolution tile
+            extra["image_sizes"] = torch.tensor([[size, size]])
+            encoded = model.model.get_image_features(pixel_values=pixels, image_sizes=extra["image_sizes"],
+                                                     vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                                     return_dict=True)
+            count = encoded.pooler_output[0].shape[0]
+    seconds = time.perf_counter() - start
+    text = torch.randint(1000, 100000, (text_before + text_after,), generator=gen)
+    token = VIDEO_TOKEN if frames else IMAGE_TOKEN
+    ids = torch.cat([text[:text_before], torch.full((count,), token), text[text_before:]])[None]
+    return Workload(name, frames, ids, {kind: encoded}, seconds, extra)
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 5 ms; `peak_mb` is the peak above the start."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * self.page
+
+    def __enter__(self):
+        self.start, self.peak, self.running = self._rss(), 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.peak_mb = (self.peak - self.start) / 2**20
+
+
+def kv_cache_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers)
+
+
+def methods(model, workload: Workload) -> dict[str, leanvlm.Method | None]:
+    visual = int((workload.input_ids == (VIDEO_TOKEN if workload.frames else IMAGE_TOKEN)).sum())
+    text = workload.input_ids.shape[1] - visual
+    return {
+        "none": None,
+        "aim": leanvlm.AIM(),
+        "aim-budget-1/7": leanvlm.AIM.for_budget(model, 1 / 7, visual_tokens=visual, text_tokens=text),
+        "itp": leanvlm.ITP(),
+        "fastv": leanvlm.FastV(),
+        "visionzip": make_method("visionzip"),
+        "prumerge+": make_method("prumerge+"),
+        "pyramiddrop": make_method("pyramiddrop"),
+        "random": make_method("random", keep=0.25),
+        "pool": make_method("pool", keep=0.25),
+    }
+
+
+def measure(model, workload: Workload, name: str, method, repeats: int, new_tokens: int, capture) -> dict[str, Any]:
+    kwargs = dict(input_ids=workload.input_ids, mm_encoder_outputs=workload.encoded, **workload.extra)
+    applied = method.apply(model) if method is not None else None
+    try:
+        if applied is not None and applied._probe is not None:
+            # the one vision forward of this workload (see the module docstring)
+            applied._probe.history = capture.history
+        times = []
+        for run in range(repeats + 1):
+            gc.collect()
+            with torch.no_grad(), PeakRSS() as memory:
+                start = time.perf_counter()
+                out = model(**kwargs, use_cache=True, logits_to_keep=1)
+                elapsed = time.perf_counter() - start
+            if run:
+                times.append(elapsed)
+        cache_bytes = kv_cache_bytes(out.past_key_values)
+        stats = method.stats if method is not None else None
+        del out
+        with torch.no_grad():
+            start = time.perf_counter()
+            model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False)
+            generate_seconds = time.perf_counter() - start
+    finally:
+        if applied is not None:
+            applied.remove()
+    prefill = statistics.median(times)
+    layers = model.config.text_config.num_hidden_layers
+    row = {
+        "workload": workload.name, "method": name, "config": repr(method) if method is not None else "plain model",
+        "prefill_s": prefill, "prefill_runs_s": times,
+        "decode_tokens_per_s": new_tokens / max(generate_seconds - prefill, 1e-9),
+        "peak_rss_mb": memory.peak_mb, "kv_cache_mb": cache_bytes / 2**20,
+        "tokens_in": int(workload.input_ids.shape[1]),
+    }
+    if stats is not None:
+        sample = stats.samples[0]
+        row.update(visual_into_llm=sample.visual_into_llm, mean_tokens_per_layer=sum(sample.layer_tokens) / layers,
+                   flops_ratio=stats.flops_ratio, reduction_s=stats.reduction_seconds,
+                   reduction_share=stats.reduction_seconds / prefill)
+    else:
+        row.update(visual_into_llm=None, mean_tokens_per_layer=float(workload.input_ids.shape[1]), flops_ratio=1.0,
+                   reduction_s=0.0, reduction_share=0.0)
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, nargs="*", default=[8, 32], help="video workloads (frames)")
+    parser.add_argument("--no-image", action="store_true", help="skip the single-image workload")
+    parser.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed prefill runs after one warm-up")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--tiny", action="store_true", help="tiny config smoke run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    model = build_model(args.tiny)
+    specs = [(f"video-{f}f", f) for f in args.frames] + ([] if args.no_image else [("image", 0)])
+    rows: list[dict[str, Any]] = []
+    with Progress(console=console) as progress:
+        for workload_name, frames in specs:
+            from leanvlm.models import get_adapter
+
+            capture = get_adapter(model).install_vision_probe()
+            workload = build_workload(model, workload_name, frames)
+            capture.remove()
+            candidates = methods(model, workload)
+            chosen = {k: v for k, v in candidates.items() if args.methods is None or k in args.methods}
+            task = progress.add_task(f"{workload_name} ({workload.input_ids.shape[1]} tokens)", total=len(chosen))
+            for name, method in chosen.items():
+                row = measure(model, workload, name, method, args.repeats, args.new_tokens, capture)
+                row["vision_s"] = workload.vision_seconds
+                rows.append(row)
+                progress.advance(task)
+    base = {r["workload"]: r["prefill_s"] for r in rows if r["method"] == "none"}
+    for row in rows:
+        if row["workload"] in base:
+            row["speedup"] = base[row["workload"]] / row["prefill_s"]
+            row["speedup_vs_flops"] = row["speedup"] / row["flops_ratio"]
+    write_results(rows, args, console)
+    return rows
+
+
+def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, console) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "speed-tiny" if args.tiny else "speed"
+    command = "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:])
+    meta = {"command": command.strip(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    header = ("| workload | method | tokens into LLM (mean/layer) | prefill s | speedup | FLOPs ratio | speedup / FLOPs "
+              "| reduction % | decode tok/s | peak RSS MB | KV cache MB |")
+    lines = [f"Command: `{meta['command']}` (torch {meta['torch']}, {meta['threads']} threads, {meta['date']})", "",
+             header, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['method']} | {r['mean_tokens_per_layer']:.0f} | {r['prefill_s']:.2f} "
+                     f"| {r.get('speedup', float('nan')):.2f}x | {r['flops_ratio']:.2f}x | {r.get('speedup_vs_flops', float('nan')):.2f} "
+                     f"| {100 * r['reduction_share']:.1f} | {r['decode_tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
+                     f"| {r['kv_cache_mb']:.1f} |")
+    table = "\n".join(lines) + "\n"
+    (args.out / f"{stem}.md").write_text(table)
+    console.print(table)
+    plot(rows, args.out / f"{stem}.png")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        points = [r for r in rows if r["workload"] == workload]
+        ax.scatter([r["mean_tokens_per_layer"] for r in points], [r["prefill_s"] for r in points], label=workload)
+        for r in points:
+            ax.annotate(r["method"], (r["mean_tokens_per_layer"], r["prefill_s"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("tokens per LLM layer (mean over layers)")
+    ax.set_ylabel("prefill latency (s)")
+    ax.set_title("LLaVA-OneVision-0.5B shape, fp32 CPU: prefill latency vs tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

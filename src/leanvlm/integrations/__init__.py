@@ -1,0 +1,1 @@
+"""Integrations with evaluation harnesses (lmms-eval: `leanvlm.integrations.lmms_eval`)."""
