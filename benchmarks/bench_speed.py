@@ -11,7 +11,7 @@ of that one vision forward. What is timed per method is the LLM prefill (incl. t
 reduction code), median of --repeats runs after one warm-up, then a cached greedy decode of --new-tokens.
 
     python benchmarks/bench_speed.py                      # full run, writes benchmarks/results/speed.*
-    python benchmarks/bench_speed.py --tiny --repeats 1   # a smoke run on a tiny config (seconds)
+    python benchmarks/bench_speed.py --tiny --repeats 1 --budget 0.75   # a smoke run on a tiny config
 """
 
 from __future__ import annotations
@@ -134,13 +134,15 @@ def kv_cache_bytes(cache) -> int:
                for layer in cache.layers)
 
 
-def methods(model, workload: Workload) -> dict[str, leanvlm.Method | None]:
+def methods(model, workload: Workload, budget: float) -> dict[str, leanvlm.Method | None]:
     visual = int((workload.input_ids == (VIDEO_TOKEN if workload.frames else IMAGE_TOKEN)).sum())
     text = workload.input_ids.shape[1] - visual
+    frames = max(workload.frames, 1)
     return {
         "none": None,
         "aim": leanvlm.AIM(),
-        "aim-budget-1/7": leanvlm.AIM.for_budget(model, 1 / 7, visual_tokens=visual, text_tokens=text),
+        f"aim-budget-1/{1 / budget:.3g}": leanvlm.AIM.for_budget(model, budget, visual_tokens=visual // frames, frames=frames,
+                                                 text_tokens=text + visual % frames),
         "itp": leanvlm.ITP(),
         "fastv": leanvlm.FastV(),
         "visionzip": make_method("visionzip"),
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefill runs after one warm-up")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--tiny", action="store_true", help="tiny config smoke run")
+    parser.add_argument("--budget", type=float, default=1 / 7, help="FLOPs fraction for AIM.for_budget")
+    parser.add_argument("--tiny", action="store_true", help="tiny config smoke run (use --budget 0.75: the LM head dominates)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -222,9 +225,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             from leanvlm.models import get_adapter
 
             capture = get_adapter(model).install_vision_probe()
-            workload = build_workload(model, workload_name, frames)
+            workload = build_workload(model, workload_name, frames, *((2, 4) if args.tiny else ()))
             capture.remove()
-            candidates = methods(model, workload)
+            candidates = methods(model, workload, args.budget)
             chosen = {k: v for k, v in candidates.items() if args.methods is None or k in args.methods}
             task = progress.add_task(f"{workload_name} ({workload.input_ids.shape[1]} tokens)", total=len(chosen))
             for name, method in chosen.items():
