@@ -1,14 +1,29 @@
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 # tests import their shared tiny-model builders as `tiny`
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP threads that wait for
+    a busy core make each small kernel ~100x slower: unit tests run single-threaded; integration tests
+    (the real model) keep torch's default."""
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- support matrix (tests/test_models.py, scripts/support_matrix.py) -------------------------------------
 import json  # noqa: E402
-
-import pytest  # noqa: E402
 
 _MATRIX_KEYS = ("family", "method", "modality", "attn")
 _matrix_results: list[dict] = []

@@ -31,14 +31,8 @@ LAYERS = 4
 ATTN = ["sdpa", "eager"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP threads that wait for
-    a busy core make each small kernel ~100x slower: run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+
 GENERATE = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
