@@ -10,7 +10,7 @@ from leanvlm import flops
 from leanvlm.models import get_adapter
 from leanvlm.ops.attention import received_attention
 from leanvlm.ops.importance import pagerank_importance
-from tiny import IMAGE_TOKEN, PATCHES, batch_inputs, prompt_ids, select, tiny_llava
+from tiny import PATCHES, batch_inputs, prompt_ids, select, tiny_llava
 
 
 def eager_attention_and_qk(model, inputs, layer: int):

@@ -59,7 +59,7 @@ def test_disabled_stages_give_plain_logits(attn):
 def test_stage_two_keeps_last_token_and_assistant_prefix(prune_text):
     model = tiny_llava(layers=6)
     inputs = batch_inputs(PROMPTS, seed=5)
-    ids, length = inputs["input_ids"], inputs["input_ids"].shape[1]
+    length = inputs["input_ids"].shape[1]
     # a huge threshold drops every text token that may be dropped
     method = leanvlm.ITP(knee=None, text_keep=0.25, prune_text=prune_text, text_threshold=1e9)
     with method.apply(model) as applied:

@@ -40,15 +40,17 @@ class ModelAdapter(ABC):
         self.generate_inputs: dict[str, Any] | None = None
 
     # --- where things are -------------------------------------------------------------------------
+    # transformers 5 VLMs: `XForConditionalGeneration.model` is the multimodal model (vision tower +
+    # projector + LLM) and its `language_model` the LLM backbone; families that differ override these.
     @property
-    @abstractmethod
     def multimodal_module(self) -> nn.Module:
         """The module whose forward receives input_ids + pixel inputs and calls the LLM (hooked first)."""
+        return self.model.model
 
     @property
-    @abstractmethod
     def text_model(self) -> nn.Module:
         """The LLM backbone (embeddings + decoder layers + final norm)."""
+        return self.model.model.language_model
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -63,9 +65,11 @@ class ModelAdapter(ABC):
         return self.model.config.get_text_config()
 
     @property
-    @abstractmethod
     def visual_token_ids(self) -> list[int]:
-        """Token ids that mark visual placeholders in input_ids."""
+        """Token ids that mark visual placeholders in input_ids (the config's image and video token ids)."""
+        config = self.model.config
+        return [int(i) for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+                if i is not None]
 
     @property
     def pad_token_id(self) -> int:

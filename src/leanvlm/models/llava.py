@@ -7,7 +7,6 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from leanvlm.models.base import ModelAdapter
@@ -18,18 +17,6 @@ from leanvlm.runtime.visual import ShrunkSequence, VisualItem, shrink_placeholde
 class LlavaAdapter(ModelAdapter):
     model_classes = ("LlavaForConditionalGeneration",)
     family = "llava"
-
-    @property
-    def multimodal_module(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def visual_token_ids(self) -> list[int]:
-        return [int(self.model.config.image_token_id)]
 
     def _feature_layer(self) -> int:
         layer = self.model.config.vision_feature_layer

@@ -77,18 +77,6 @@ class OneVisionAdapter(ModelAdapter):
         super().__init__(model)
         self._rebuilt: tuple[torch.Tensor, torch.Tensor] | None = None  # (input_ids, protected) of the last rebuild
 
-    @property
-    def multimodal_module(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def visual_token_ids(self) -> list[int]:
-        return [int(self.model.config.image_token_id), int(self.model.config.video_token_id)]
-
     # --- geometry ------------------------------------------------------------------------------------
     @property
     def _side(self) -> int:

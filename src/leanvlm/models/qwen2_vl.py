@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from leanvlm.models.base import ModelAdapter
@@ -62,18 +61,6 @@ class Run:
 class QwenVLAdapter(ModelAdapter):
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     family = "qwen2_vl"
-
-    @property
-    def multimodal_module(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def visual_token_ids(self) -> list[int]:
-        return [int(self.model.config.image_token_id), int(self.model.config.video_token_id)]
 
     @property
     def _merge(self) -> int:

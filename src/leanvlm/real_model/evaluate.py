@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                    "scenes_test": evaluate(model, processor, scene_items, args.batch_size)}
     else:
         from leanvlm.real_model.adapter import load_recipe
-        from leanvlm.real_model.train import EVAL_SETS, PackedData, Packer, cached_rows, quick_eval
+        from leanvlm.real_model.train import PackedData, Packer, cached_rows, quick_eval
 
         packer = Packer(processor)
         rows = cached_rows(load_recipe()["vision_feature_layer"])
