@@ -8,7 +8,8 @@ The vision tower computes the same thing whatever the method, so it runs ONCE pe
 reported separately) and every method gets the same projector features as `mm_encoder_outputs` (what
 `generate` does too); methods that read vision-tower signals (ITP, VisionZip, PruMerge) get the capture
 of that one vision forward. What is timed per method is the LLM prefill (incl. the method's own
-reduction code), median of --repeats runs after one warm-up, then a cached greedy decode of --new-tokens.
+reduction code), median of --repeats runs after one warm-up, then --new-tokens cached greedy decode steps
+continuing the last prefill.
 
     python benchmarks/bench_speed.py                      # full run, writes benchmarks/results/speed.*
     python benchmarks/bench_speed.py --tiny --repeats 1 --budget 0.75   # a smoke run on a tiny config
@@ -134,6 +135,17 @@ def kv_cache_bytes(cache) -> int:
                for layer in cache.layers)
 
 
+@torch.no_grad()
+def greedy_decode_seconds(model, prefill_output, new_tokens: int) -> float:
+    """Seconds for `new_tokens` cached greedy steps continuing a prefill (batch of one, no padding)."""
+    cache, token = prefill_output.past_key_values, prefill_output.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        step = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - start
+
+
 def methods(model, workload: Workload, budget: float) -> dict[str, leanvlm.Method | None]:
     visual = int((workload.input_ids == (VIDEO_TOKEN if workload.frames else IMAGE_TOKEN)).sum())
     text = workload.input_ids.shape[1] - visual
@@ -171,11 +183,8 @@ def measure(model, workload: Workload, name: str, method, repeats: int, new_toke
                 times.append(elapsed)
         cache_bytes = kv_cache_bytes(out.past_key_values)
         stats = method.stats if method is not None else None
+        decode_seconds = greedy_decode_seconds(model, out, new_tokens)
         del out
-        with torch.no_grad():
-            start = time.perf_counter()
-            model.generate(**kwargs, max_new_tokens=new_tokens, do_sample=False)
-            generate_seconds = time.perf_counter() - start
     finally:
         if applied is not None:
             applied.remove()
@@ -184,7 +193,7 @@ def measure(model, workload: Workload, name: str, method, repeats: int, new_toke
     row = {
         "workload": workload.name, "method": name, "config": repr(method) if method is not None else "plain model",
         "prefill_s": prefill, "prefill_runs_s": times,
-        "decode_tokens_per_s": new_tokens / max(generate_seconds - prefill, 1e-9),
+        "decode_tokens_per_s": new_tokens / decode_seconds,
         "peak_rss_mb": memory.peak_mb, "kv_cache_mb": cache_bytes / 2**20,
         "tokens_in": int(workload.input_ids.shape[1]),
     }
@@ -210,6 +219,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--tiny", action="store_true", help="tiny config smoke run (use --budget 0.75: the LM head dominates)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default=None, help="output file stem (default: speed, or speed-tiny)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,7 +256,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, console) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "speed-tiny" if args.tiny else "speed"
+    stem = args.name or ("speed-tiny" if args.tiny else "speed")
     command = "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:])
     meta = {"command": command.strip(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
