@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mode", choices=("end-to-end", "cached"), default="end-to-end",
                     help="end-to-end: evaluate() on images (one prompt per question). cached: the training's "
                          "prefix-shared forward on cached DINOv2 features (same computation up to the float16 "
-                         "rounding of the cached features, ~5x cheaper; needs train.py's feature cache)")
+                         "rounding of the cached features, ~5x cheaper; computes the feature cache if missing)")
     ap.add_argument("--easyvqa-images", type=int, default=0, help="questions of the first N test images (0 = all)")
     ap.add_argument("--scenes", type=int, default=200, help="number of test scenes (seed 0)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -94,12 +94,16 @@ def main(argv: list[str] | None = None) -> None:
                    "scenes_test": evaluate(model, processor, scene_items, args.batch_size)}
     else:
         from leanvlm.real_model.adapter import load_recipe
+        from leanvlm.real_model.features import cache_features
         from leanvlm.real_model.train import PackedData, Packer, cached_rows, quick_eval
 
         packer = Packer(processor)
         rows = cached_rows(load_recipe()["vision_feature_layer"])
         results = {}
-        for key, name, items in (("easyvqa_test", "easyvqa-test-q1500", test), ("scenes_test", "scenes-test-0-n100", scene_items)):
+        sets = (("easyvqa_test", f"easyvqa-test-img{args.easyvqa_images or 'all'}", test),
+                ("scenes_test", f"scenes-test-0-n{args.scenes}", scene_items))
+        for key, name, items in sets:
+            cache_features(model.model.vision_tower, items, args.feature_dir, name)  # no-op when cached
             data = PackedData({name: lambda items=items: items}, args.feature_dir, rows)
             start = time.perf_counter()
             results[key] = {**quick_eval(model, packer, data), "seconds": time.perf_counter() - start}

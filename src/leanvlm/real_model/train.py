@@ -34,7 +34,7 @@ from leanvlm.real_model import ANSWERS, answer_token_ids, build_prompt
 from leanvlm.real_model.adapter import LORA_TARGETS, add_lora, adapter_state, save_adapter
 from leanvlm.real_model.assemble import NUM_IMAGE_TOKENS, load_base
 from leanvlm.real_model.data import VQAItem, easyvqa, scenes
-from leanvlm.real_model.features import CACHED_LAYERS, load_features
+from leanvlm.real_model.features import CACHED_LAYERS, cache_features, load_features
 
 # (feature-cache name, item loader) for training and for the quick in-training evaluation.
 TRAIN_SETS = {
@@ -205,20 +205,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch-images", type=int, default=4)
+    ap.add_argument("--batch-images", type=int, default=2)
     ap.add_argument("--max-questions", type=int, default=12, help="questions per image per step (all if fewer)")
     ap.add_argument("--layers", default="4,12", help="DINOv2 hidden_states indices for the projector")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
-    ap.add_argument("--lr-projector", type=float, default=1e-3)
-    ap.add_argument("--lr-lora", type=float, default=5e-4)
-    ap.add_argument("--color-weight", type=float, default=3.0, help="loss weight of colour questions")
+    ap.add_argument("--lr-projector", type=float, default=2e-3)
+    ap.add_argument("--lr-lora", type=float, default=1e-3)
+    ap.add_argument("--color-weight", type=float, default=2.0, help="loss weight of colour questions")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ckpt-every", type=int, default=20)
+    ap.add_argument("--ckpt-every", type=int, default=5)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-images", type=int, default=60, help="cached test images for the quick eval")
     ap.add_argument("--feature-dir", default=os.path.join(os.getcwd(), ".cache", "features"))
-    ap.add_argument("--train-sets", default=",".join(TRAIN_SETS), help="feature-cache names to train on")
+    ap.add_argument("--train-sets", default="easyvqa-train-img2000,scenes-train-0-n800",
+                    help=f"comma-separated names from {list(TRAIN_SETS)}")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -241,7 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     packer = Packer(processor)
-    train = PackedData({k: TRAIN_SETS[k] for k in args.train_sets.split(",")}, args.feature_dir, rows)
+    train_sets = {k: TRAIN_SETS[k] for k in args.train_sets.split(",")}
+    for name, loader in {**train_sets, **EVAL_SETS}.items():  # precompute once; no-op when cached
+        cache_features(model.model.vision_tower, loader(), args.feature_dir, name)
+    train = PackedData(train_sets, args.feature_dir, rows)
     evals = PackedData(EVAL_SETS, args.feature_dir, rows)
     ev_rng = random.Random(1234)
     evals.groups = [g for g in evals.groups if g[2][0].image_key.startswith("easyvqa")][: args.eval_images] + \
