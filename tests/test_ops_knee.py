@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leanvlm.ops.knee import find_knee, find_knee_batched, topk_in_order
+from leanvlm.ops.knee import find_knee, find_knee_batched
 
 METHODS = ["kneedle", "second_difference", "largest_drop"]
 
@@ -111,29 +111,3 @@ def test_result_is_in_range_and_order_invariant(values, method, k_min):
     assert min(k_min, len(values)) <= k <= len(values)
     assert find_knee(scores.flip(0), method, k_min) == k
     assert find_knee_batched(torch.stack([scores, scores.flip(0)]), method, k_min).tolist() == [k, k]
-
-
-def test_topk_in_order_pads_and_keeps_original_order():
-    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2], [3.0, 1.0, 2.0, 2.0, -float("inf")], [1.0, 2.0, 3.0, 4.0, 5.0]])
-    indices, mask = topk_in_order(scores, torch.tensor([3, 2, 0]))
-    assert indices.tolist() == [[1, 2, 3], [0, 2, 0], [0, 0, 0]]  # ties prefer the lower index (2 over 3)
-    assert mask.tolist() == [[True, True, True], [True, True, False], [False, False, False]]
-
-
-@settings(deadline=None, max_examples=40)
-@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4), length=st.integers(1, 30))
-def test_topk_in_order_selects_the_top_scores(seed, batch, length):
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.randn(batch, length, generator=gen)
-    k = torch.randint(0, length + 1, (batch,), generator=gen)
-    indices, mask = topk_in_order(scores, k)
-    for row in range(batch):
-        chosen = indices[row, mask[row]]
-        assert len(chosen) == k[row]
-        assert (chosen.diff() > 0).all()
-        assert sorted(chosen.tolist()) == sorted(scores[row].topk(int(k[row])).indices.tolist())
-
-
-def test_topk_in_order_rejects_bad_k():
-    with pytest.raises(ValueError, match=r"\[0, 3\]"):
-        topk_in_order(torch.zeros(1, 3), torch.tensor([4]))

@@ -103,24 +103,3 @@ def find_knee(scores: torch.Tensor, method: KneeMethod = "kneedle", k_min: int =
     if scores.dim() != 1 or scores.numel() == 0:
         raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
     return int(find_knee_batched(scores[None], method, k_min)[0])
-
-
-def topk_in_order(scores: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the k_b highest scores of each row, in ascending (original) order.
-
-    scores [B, N] (set slots that must never be chosen to -inf); k [B] int with 0 <= k_b <= N.
-    Returns (indices [B, K], mask [B, K]) with K = max_b k_b: row b's first k_b entries are its
-    indices, ascending, mask True; the rest are padding with index 0 (safe for gather) and mask False.
-    Equal scores prefer the lower index.
-    """
-    if scores.dim() != 2 or k.shape != scores.shape[:1]:
-        raise ValueError(f"need scores [B, N] and k [B], got {tuple(scores.shape)} and {tuple(k.shape)}")
-    length = scores.shape[1]
-    if ((k < 0) | (k > length)).any():
-        raise ValueError(f"every k must be in [0, {length}], got {k.tolist()}")
-    width = int(k.max()) if k.numel() else 0
-    ranked = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :width]
-    mask = torch.arange(width, device=scores.device)[None] < k[:, None]
-    # padding sorts after every real index (it is N), then is replaced by 0
-    indices = torch.where(mask, ranked, length).sort(dim=1).values
-    return indices.masked_fill(~mask, 0), mask
