@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import leanvlm
+from leanvlm.models import get_adapter
+from leanvlm.models.vision import vision_signals
 from leanvlm.ops.knee import find_knee
 from tiny import PATCHES, batch_inputs, prompt_ids, select, tiny_llava
 
@@ -28,6 +30,25 @@ def test_cut_follows_the_cls_attention_of_the_eager_vision_tower():
         assert sample.visual_into_llm == k
         expected = torch.sort(cls_attention[row].topk(k).indices).values
         assert torch.equal(method.stats.visual_items[row].origin[0], expected)
+
+
+def test_vision_keys_come_from_the_towers_own_projection():
+    """The probe keeps the layer's k_proj output and the CLS attention is scored from it (no second
+    projection of the whole tower's tokens)."""
+    model = tiny_llava(attn="sdpa", seed=4)
+    inputs = batch_inputs(PROMPTS, seed=11)
+    probe = get_adapter(model).install_vision_probe()
+    try:
+        with torch.no_grad():
+            model.model.get_image_features(pixel_values=inputs["pixel_values"])
+            attn_input, keys, output = probe.capture()
+            torch.testing.assert_close(keys, probe.attn.k_proj(attn_input))
+            probe.history[-1] = (attn_input, torch.zeros_like(keys), output)  # constant keys: uniform attention
+            uniform = vision_signals(probe, frozenset({"cls_attention"}), has_cls=True, prefix=1)["cls_attention"]
+    finally:
+        probe.remove()
+    tokens = attn_input.shape[1]
+    torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / tokens))
 
 
 def test_batch_with_different_knees_equals_samples_one_by_one():

@@ -428,7 +428,7 @@ def test_qwen25_window_order_is_undone():
         with torch.no_grad():
             features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
         grids = [tuple(g) for g in inputs["image_grid_thw"].tolist()]
-        restored = restore_unit_order(probe.capture()[1], 4, adapter._window_order(grids))
+        restored = restore_unit_order(probe.capture()[2], 4, adapter._window_order(grids))
     finally:
         probe.remove()
     with torch.no_grad():

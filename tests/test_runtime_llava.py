@@ -105,6 +105,28 @@ def test_fastv_drops_after_layer_k_and_matches_hand_reference(text, attn):
     assert sample.method_flops < sample.base_flops
 
 
+@pytest.mark.parametrize("importance", ["pagerank", "text"])
+def test_scoring_reuses_the_layers_own_projections(importance):
+    """Each prefill runs every q/k projection of the model exactly once: the pruning layers' scores are
+    built from the captured projection outputs, not from a second projection of the hidden states."""
+    model = tiny_llava("qwen2", "sdpa")
+    inputs = batch_inputs([prompt_ids(4, 6, seed=3), prompt_ids(2, 7, seed=4)], seed=5)
+    method = leanvlm.AIM(merge_keep=1.0, l1=1, l2=4, importance=importance)
+    calls: list[str] = []
+    hooks = [getattr(layer.self_attn, name).register_forward_hook(lambda *a, name=name: calls.append(name))
+             for layer in model.model.language_model.layers for name in ("q_proj", "k_proj")]
+    try:
+        with method.apply(model):
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = model.config.text_config.num_hidden_layers
+    assert calls.count("q_proj") == layers and calls.count("k_proj") == layers
+    visual = method.stats.samples[0].layer_visual_tokens
+    assert visual[1] == PATCHES > visual[2] > visual[3] > visual[4] == 0  # the stage did score and prune
+
+
 @pytest.mark.parametrize("attn", ATTN)
 def test_cached_generate_equals_uncached(attn):
     model = tiny_llava("qwen2", attn)

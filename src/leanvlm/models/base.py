@@ -79,20 +79,28 @@ class ModelAdapter(ABC):
     # --- attention ----------------------------------------------------------------------------------
     def query_key(
         self, attn: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        rows: torch.Tensor | None,
+        rows: torch.Tensor | None, projections: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Recompute a layer's post-RoPE q (for slot index rows [B, R], None = all) and k (all slots).
+        """A layer's post-RoPE q (for slot index rows [B, R], None = all) and k (all slots).
 
-        hidden [B, N, D] is the attention module's input (after the input norm).
+        hidden [B, N, D] is the attention module's input (after the input norm). projections: the layer's
+        own q_proj / k_proj outputs for that input ("q": [B, N, H*d], "k": [B, N, Hkv*d]) when the runtime
+        captured them; a missing one is recomputed from hidden.
         -> q [B, H, R, d], k [B, Hkv, N, d], scale.
         """
+        projections = projections or {}
         head_dim = attn.head_dim
         cos, sin = (t.expand(hidden.shape[0], *t.shape[1:]) for t in position_embeddings)
-        q_in, q_cos, q_sin = hidden, cos, sin
-        if rows is not None:
-            q_in, q_cos, q_sin = (gather_slots(t, rows, fill=None) for t in (hidden, cos, sin))
-        queries = attn.q_proj(q_in).unflatten(-1, (-1, head_dim))
-        keys = attn.k_proj(hidden).unflatten(-1, (-1, head_dim))
+        queries = projections.get("q")
+        if queries is None:
+            queries = attn.q_proj(hidden if rows is None else gather_slots(hidden, rows, fill=None))
+        elif rows is not None:
+            queries = gather_slots(queries, rows, fill=None)
+        q_cos, q_sin = (cos, sin) if rows is None else (gather_slots(t, rows, fill=None) for t in (cos, sin))
+        keys = projections.get("k")
+        if keys is None:
+            keys = attn.k_proj(hidden)
+        queries, keys = queries.unflatten(-1, (-1, head_dim)), keys.unflatten(-1, (-1, head_dim))
         if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms come before RoPE
             queries, keys = attn.q_norm(queries), attn.k_norm(keys)
         queries, keys = queries.transpose(1, 2), keys.transpose(1, 2)  # [B, heads, N, d]

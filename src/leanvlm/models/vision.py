@@ -1,8 +1,9 @@
 """Signals from inside a ViT vision tower that pre-LLM stages rank patches by.
 
 A `VisionProbe` captures, during the model's own vision forwards, the input of one encoder layer's
-attention (after its norm) and that layer's output; `vision_signals` turns them into per-patch scores
-recomputed from the layer's q/k projections, so any attention backend (eager, sdpa) works.
+attention (after its norm), its key projection's output and that layer's output; `vision_signals` turns
+them into per-patch scores from the layer's own keys (and its q projection of the one query it needs),
+so any attention backend (eager, sdpa) works.
 
 Signals (each [N, T] for N images of T patch tokens, or [N, T, D] for "keys"):
 - "cls_attention": attention of the CLS query to every patch key, head-averaged (softmax over all
@@ -47,7 +48,8 @@ def layer_attention(layer: nn.Module) -> nn.Module:
 
 
 class VisionProbe:
-    """Captures one encoder layer's attention input (after its norm) and output at every vision forward.
+    """Captures one encoder layer's attention input (after its norm), key projection output (when the
+    attention has a separate `k_proj`) and layer output at every vision forward.
 
     Installed for as long as a method that needs vision signals is applied: `generate` encodes the
     images before the first forward (transformers passes them on as `mm_encoder_outputs`), so the
@@ -57,22 +59,29 @@ class VisionProbe:
     def __init__(self, layer: nn.Module):
         self.attn = layer_attention(layer)
         self.attn_input: torch.Tensor | None = None  # [N, S, D]
+        self.keys: torch.Tensor | None = None  # [N, S, H*d]: the layer's k_proj output (None: not captured)
         self.output: torch.Tensor | None = None  # [N, S, D]
-        #: the last two (attn_input, output) captures, oldest first: `generate` encodes a prompt's images and
-        #: then its videos before the first forward, so a mixed prompt leaves one capture per modality
-        self.history: list[tuple[torch.Tensor, torch.Tensor]] = []
+        #: the last two (attn_input, keys, output) captures, oldest first: `generate` encodes a prompt's images
+        #: and then its videos before the first forward, so a mixed prompt leaves one capture per modality
+        self.history: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self._handles = [self.attn.register_forward_pre_hook(self._before_attention, with_kwargs=True),
                          layer.register_forward_hook(self._after_layer)]
+        if isinstance(getattr(self.attn, "k_proj", None), nn.Module):
+            self._handles.append(self.attn.k_proj.register_forward_hook(self._after_key_projection))
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.attn_input = (args[0] if args else kwargs["hidden_states"]).detach()
+        self.keys = None
+
+    def _after_key_projection(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.keys = output.detach()
 
     def _after_layer(self, module: nn.Module, args: tuple, output: object) -> None:
         self.output = (output[0] if isinstance(output, tuple) else output).detach()
-        self.history = [*self.history, (self.attn_input, self.output)][-2:]
+        self.history = [*self.history, (self.attn_input, self.keys, self.output)][-2:]
 
-    def capture(self, back: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(attn_input, output) of the `back`-th most recent vision forward (0 = the last one)."""
+    def capture(self, back: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(attn_input, keys or None, output) of the `back`-th most recent vision forward (0 = the last one)."""
         if back >= len(self.history):
             raise ValueError("vision signals are needed but the vision tower has not run while the method was applied "
                              "(pass pixel values, not precomputed features, to the model)")
@@ -108,11 +117,13 @@ def vision_signals(probe: VisionProbe, needs: frozenset[str], has_cls: bool, pre
     unknown = needs - SIGNALS
     if unknown:
         raise ValueError(f"unknown vision signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
-    attn_input, output = probe.capture(back)
+    attn_input, keys, output = probe.capture(back)
     attn, hidden = probe.attn, attn_input.float()
     signals: dict[str, torch.Tensor] = {}
     weight = {name: p.float() for name, p in attn.named_parameters()}
-    keys = nn.functional.linear(hidden, weight["k_proj.weight"], weight.get("k_proj.bias"))  # [N, S, H*d]
+    if keys is None:
+        keys = nn.functional.linear(hidden, weight["k_proj.weight"], weight.get("k_proj.bias"))  # [N, S, H*d]
+    keys = keys.float()
     if "cls_attention" in needs:
         reference = hidden[:, :1] if has_cls else hidden.mean(dim=1, keepdim=True)
         query = _heads(attn, nn.functional.linear(reference, weight["q_proj.weight"], weight.get("q_proj.bias")))
@@ -155,7 +166,7 @@ def packed_vision_signals(probe: VisionProbe, needs: frozenset[str], frame_patch
     unknown = needs - SIGNALS
     if unknown:
         raise ValueError(f"unknown vision signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
-    attn_input, output = probe.capture(back)
+    attn_input, _, output = probe.capture(back)
     attn = probe.attn
     hidden, out = attn_input.float(), output.float()
     if order is not None:

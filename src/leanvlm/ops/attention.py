@@ -28,23 +28,34 @@ def attention_probability_chunks(
     key_valid: torch.Tensor,
     scale: float,
     chunk_size: int = 512,
+    trim_columns: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, probs) for consecutive query chunks; probs is float32 [B, H, chunk, Nk].
 
     queries [B, H, Nq, d], keys [B, Hkv, Nk, d] (RoPE already applied), query_pos [B, Nq],
     key_pos [B, Nk], key_valid [B, Nk] bool. A query row with no allowed key (a padding slot) gets all
     zeros instead of NaN.
+
+    trim_columns: yield only the first w columns, w = 1 + the last key any row of the chunk may attend
+    (the columns after it are exactly 0). When queries and keys are the same causally ordered tokens, w is
+    the chunk's end, so only the lower triangle of the attention matrix is computed.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     keys = expand_kv_heads(keys, queries.shape[1]).float()
     for start in range(0, queries.shape[2], chunk_size):
-        q = queries[:, :, start : start + chunk_size].float()
-        logits = torch.matmul(q, keys.transpose(-1, -2)) * scale  # [B, H, c, Nk]
-        allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= query_pos[:, start : start + chunk_size, None])
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        stop = min(start + chunk_size, queries.shape[2])
+        allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= query_pos[:, start:stop, None])  # [B, c, Nk]
+        if trim_columns:
+            columns = allowed.any(dim=1).any(dim=0).nonzero()
+            allowed = allowed[:, :, : int(columns.max()) + 1 if len(columns) else 1]
+        q = queries[:, :, start:stop].float() * scale  # scaling [c, d] is cheaper than scaling [c, Nk]
+        logits = torch.matmul(q, keys[:, :, : allowed.shape[2]].transpose(-1, -2))  # [B, H, c, w]
+        logits.masked_fill_(~allowed[:, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        yield start, torch.nan_to_num(probs, nan=0.0)
+        if not bool(allowed.any(dim=2).all()):
+            probs.nan_to_num_(nan=0.0)
+        yield start, probs
 
 
 def received_attention(

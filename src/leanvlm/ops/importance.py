@@ -43,9 +43,10 @@ def pagerank_importance(
     score_j = sqrt(mean_h p_hj^2). Invalid slots score exactly 0; valid tokens can also score 0 (e.g.
     a token nobody attends to), so callers must select candidates by mask, not by value.
 
-    Memory: when the full M (B * H * N * N * 4 bytes) fits in `max_matrix_bytes` it is built once and
-    reused by every iteration; otherwise each iteration recomputes M in query chunks of `chunk_size`
-    rows, so the peak extra memory is O(B * H * chunk_size * N) at `iterations` times the compute.
+    Memory: when the full M (B * H * N * N * 4 bytes) fits in `max_matrix_bytes` it is built once (in
+    query chunks of `chunk_size` rows, each only as wide as its last attendable key: about the lower half
+    for causal positions) and reused by every iteration; otherwise each iteration recomputes M chunk by
+    chunk, so the peak extra memory is O(B * H * chunk_size * N) at `iterations` times the compute.
     """
     batch, num_heads, num_tokens, _ = queries.shape
     if keys.shape[0] != batch or keys.shape[2] != num_tokens or num_heads % keys.shape[1]:
@@ -58,25 +59,28 @@ def pagerank_importance(
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
 
-    logit_scale = scale / tau
-    # expand and convert once; attention_probability_chunks then reuses these as they are
-    keys = expand_kv_heads(keys, num_heads).float()
+    keys = expand_kv_heads(keys, num_heads).float()  # expanded once; each build below reuses it
     valid = key_valid.float()
     p = (valid / valid.sum(dim=1, keepdim=True).clamp(min=1))[:, None, :].expand(-1, num_heads, -1)
 
-    def chunks():
-        return attention_probability_chunks(queries, keys, query_pos, key_pos, key_valid, logit_scale, chunk_size)
+    def build():
+        # chunks only as wide as their last attendable key: about the lower half of M for causal positions
+        return attention_probability_chunks(queries, keys, query_pos, key_pos, key_valid, scale / tau, chunk_size,
+                                            trim_columns=True)
+
+    def propagate(p: torch.Tensor, chunks) -> torch.Tensor:
+        """p [B, H, N] -> p @ M, accumulated chunk by chunk (probs [B, H, c, w])."""
+        nxt = torch.zeros(batch, num_heads, num_tokens, dtype=torch.float32, device=queries.device)
+        for start, probs in chunks:
+            rows = p[:, :, None, start : start + probs.shape[2]]  # [B, H, 1, c]
+            nxt[:, :, : probs.shape[3]] += torch.matmul(rows, probs).squeeze(2)
+        return nxt
 
     if batch * num_heads * num_tokens * num_tokens * 4 <= max_matrix_bytes:
-        matrix = torch.empty(batch, num_heads, num_tokens, num_tokens, dtype=torch.float32, device=queries.device)
-        for start, probs in chunks():
-            matrix[:, :, start : start + probs.shape[2]] = probs
+        stored = list(build())
         for _ in range(iterations):
-            p = torch.matmul(p[:, :, None, :], matrix).squeeze(2)
+            p = propagate(p, stored)
     else:
         for _ in range(iterations):
-            nxt = torch.zeros(batch, num_heads, num_tokens, dtype=torch.float32, device=queries.device)
-            for start, probs in chunks():
-                nxt += torch.matmul(p[:, :, None, start : start + probs.shape[2]], probs).squeeze(2)
-            p = nxt
+            p = propagate(p, build())
     return p.pow(2).mean(dim=1).sqrt()

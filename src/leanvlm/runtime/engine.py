@@ -5,8 +5,9 @@ Hooks installed (nothing global, nothing on classes):
   pre-LLM stages and shrinks the LLM input, records which tokens are visual;
 - a forward pre-hook on every decoder layer: layers after a drop get the gathered position embeddings,
   position ids and attention mask of the tokens they still compute on;
-- on each dropping layer, a pre-hook on its attention module (to recompute q/k for scoring) and a forward
-  hook that removes the dropped tokens from the layer's output hidden states;
+- on each dropping layer, a pre-hook on its attention module and forward hooks on its q/k projections
+  (so scoring reuses the layer's own projections and position embeddings instead of recomputing them),
+  and a forward hook that removes the dropped tokens from the layer's output hidden states;
 - `generate` of the instance is wrapped, so that uncached generation reuses the prompt's decisions.
 
 Phases of a forward:
@@ -76,7 +77,8 @@ class ForwardState:
     layout: TokenLayout | None = None
     index: torch.Tensor | None = None  # [B, N] current slots -> layer-0 positions; None = all of them
     past_length: int = 0
-    attn_input: tuple[torch.Tensor, Any] | None = None
+    attn_input: tuple[torch.Tensor, Any] | None = None  # (normed hidden [B, N, D], position embeddings)
+    projections: dict[str, torch.Tensor] = field(default_factory=dict)  # "q"/"k" projection outputs [B, N, *]
     # gathered layer kwargs by (drop group: -1 in prefill/extend, id of the model's mask for the layer)
     overrides: dict[tuple[int, int], dict[str, Any] | None] = field(default_factory=dict)
     layer_tokens: list[torch.Tensor] = field(default_factory=list)  # per layer [B]: real tokens computed on
@@ -127,7 +129,10 @@ class AppliedMethod:
         for i, layer in enumerate(self.adapter.layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_input_hook(i), with_kwargs=True))
             if i in self.drop_stages:
-                self._handles.append(layer.self_attn.register_forward_pre_hook(self._capture_attention_input, with_kwargs=True))
+                attn = layer.self_attn
+                self._handles.append(attn.register_forward_pre_hook(self._capture_attention_input, with_kwargs=True))
+                self._handles.append(attn.q_proj.register_forward_hook(self._capture_projection("q")))
+                self._handles.append(attn.k_proj.register_forward_hook(self._capture_projection("k")))
                 self._handles.append(layer.register_forward_hook(self._layer_output_hook(i)))
         had_own = "generate" in vars(self.model)
         self._own_generate = vars(self.model).get("generate") if had_own else None
@@ -278,8 +283,14 @@ class AppliedMethod:
         key = (-1, id(base))  # the model keeps `base` alive for the whole forward
         if key not in fwd.overrides:
             index = fwd.index
+            if base is None and not bool((index == FILLER).any()):
+                # The model left causality to its attention kernel (no padding); the kept slots are still in
+                # causal order with no holes, so that rule still holds and the kernel's fast causal path runs.
+                mask = None
+            else:
+                mask = reduced_attention_mask(base, index, index, index)
             fwd.overrides[key] = {
-                "attention_mask": reduced_attention_mask(base, index, index, index),
+                "attention_mask": mask,
                 "position_embeddings": self.adapter.gather_position_embeddings(kwargs["position_embeddings"], index),
                 "position_ids": self.adapter.gather_position_ids(kwargs.get("position_ids"), index),
             }
@@ -314,6 +325,15 @@ class AppliedMethod:
         if fwd is not None and fwd.phase is Phase.PREFILL:
             hidden = args[0] if args else kwargs["hidden_states"]
             fwd.attn_input = (hidden, kwargs["position_embeddings"])
+            fwd.projections.clear()
+
+    def _capture_projection(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            fwd = self.fwd
+            if fwd is not None and fwd.phase is Phase.PREFILL:
+                fwd.projections[name] = output
+
+        return hook
 
     def _layer_output_hook(self, layer: int):
         stage = self.drop_stages[layer]
@@ -356,10 +376,12 @@ class AppliedMethod:
             index=index,
             layout=fwd.layout,
             visual_into_llm=fwd.layout.visual.sum(dim=1),
-            query_key=lambda rows: self.adapter.query_key(attn, attn_hidden, position_embeddings, rows),
+            query_key=lambda rows: self.adapter.query_key(attn, attn_hidden, position_embeddings, rows,
+                                                          projections=fwd.projections),
         )
         with torch.no_grad():  # ranking is not differentiable; keep it out of any autograd graph
             selection = stage.select(ctx)
+        fwd.projections.clear()
         candidates = selection.candidates & (index >= 0)
         chosen = top_k_mask(selection.scores, candidates, selection.keep)
         real = gather_slots(fwd.layout.valid, index, fill=False)
