@@ -50,7 +50,10 @@ def attention_probability_chunks(
             columns = allowed.any(dim=1).any(dim=0).nonzero()
             allowed = allowed[:, :, : int(columns.max()) + 1 if len(columns) else 1]
         q = queries[:, :, start:stop].float() * scale  # scaling [c, d] is cheaper than scaling [c, Nk]
-        logits = torch.matmul(q, keys[:, :, : allowed.shape[2]].transpose(-1, -2))  # [B, H, c, w]
+        width = allowed.shape[2]
+        # 3-D bmm over (batch x heads): the 4-D matmul of a transposed key slice is ~3x slower on CPU
+        logits = torch.bmm(q.flatten(0, 1), keys[:, :, :width].flatten(0, 1).transpose(1, 2))
+        logits = logits.view(*q.shape[:3], width)  # [B, H, c, w]
         logits.masked_fill_(~allowed[:, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if not bool(allowed.any(dim=2).all()):

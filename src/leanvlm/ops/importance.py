@@ -73,7 +73,7 @@ def pagerank_importance(
         nxt = torch.zeros(batch, num_heads, num_tokens, dtype=torch.float32, device=queries.device)
         for start, probs in chunks:
             rows = p[:, :, None, start : start + probs.shape[2]]  # [B, H, 1, c]
-            nxt[:, :, : probs.shape[3]] += torch.matmul(rows, probs).squeeze(2)
+            nxt[:, :, : probs.shape[3]] += torch.bmm(rows.flatten(0, 1), probs.flatten(0, 1)).view(batch, num_heads, -1)
         return nxt
 
     if batch * num_heads * num_tokens * num_tokens * 4 <= max_matrix_bytes:
