@@ -166,15 +166,19 @@ def test_show_video_frames_without_pre_llm_stage(tiny_dir, tmp_path):
 
 
 def test_sweep_writes_table_json_plot(tiny_dir, vqa_dir, tmp_path):
-    result = invoke("sweep", "--dataset", vqa_dir, "--model", tiny_dir, "--methods", "aim,fastv",
+    result = invoke("sweep", "--dataset", vqa_dir, "--model", tiny_dir, "--methods", "aim,fastv,itp",
                     "--budgets", "1/2", "--limit", "4", "--out", str(tmp_path))
     stem = tmp_path / f"sweep-{os.path.basename(vqa_dir)}"
     data = json.loads(stem.with_suffix(".json").read_text())
     assert data["baseline"]["flops_ratio"] == 1
     methods = {row["method"] for row in data["rows"]} | {s["method"] for s in data["skipped"]}
-    assert methods == {"aim", "fastv"}
+    assert methods == {"aim", "fastv", "itp"}
     for row in data["rows"]:
-        assert abs(row["planned_ratio"] - 2) / 2 < 0.05 and row["flops_ratio"] > 1.3
+        if row["method"] == "itp":  # no budget knob (input-dependent cut): one run at its defaults
+            assert row["target"] is None and row["method_repr"].startswith("ITP") and row["flops_ratio"] > 1
+        else:
+            assert abs(row["planned_ratio"] - 2) / 2 < 0.05 and row["flops_ratio"] > 1.3
+    assert [row["method"] for row in data["rows"]].count("itp") == 1
     assert "| method |" in stem.with_suffix(".md").read_text()
     with Image.open(stem.with_suffix(".png")) as png:
         assert png.size == (800, 550)

@@ -35,7 +35,7 @@ from leanvlm.cli_common import (
     parse_ratios,
     run_length,
 )
-from leanvlm.methods.registry import METHODS
+from leanvlm.methods.registry import METHODS, has_budget_mapping, make_method
 
 app = typer.Typer(
     name="leanvlm",
@@ -269,6 +269,7 @@ def sweep(
     OUT/sweep-DATASET.md, .json and .png (accuracy vs FLOPs reduction).
     """
     from leanvlm.cli_eval import (
+        analytic_ratio,
         evaluate,
         load_items,
         markdown_table,
@@ -288,6 +289,10 @@ def sweep(
     visual, text = prompt_shape(loaded, items[0])
     plan, skipped = [], []
     for name in names:
+        if not has_budget_mapping(name):  # input-dependent budget (ITP): one run at its defaults
+            chosen = make_method(name)
+            plan.append((name, None, chosen, None, analytic_ratio(chosen, loaded.model.config, visual, text)))
+            continue
         for target in targets:
             chosen, budget, achieved = method_for_flops(name, target, loaded.model.config, visual, text)
             if chosen is None:
@@ -301,7 +306,8 @@ def sweep(
         baseline.update(target=None)
         bar.advance(runs)
         for name, target, chosen, budget, achieved in plan:
-            row = evaluate(loaded, items, chosen, batch_size, mode, progress=bar, description=f"{name} @ 1/{1 / target:.3g}")
+            at = "defaults" if target is None else f"1/{1 / target:.3g}"
+            row = evaluate(loaded, items, chosen, batch_size, mode, progress=bar, description=f"{name} @ {at}")
             row.update(method=name, target=target, visual_budget=budget, planned_ratio=achieved)
             rows.append(row)
             bar.update(runs, advance=1, info=f"{name}: acc {row['accuracy']:.3f} at {row['flops_ratio']:.2f}x")

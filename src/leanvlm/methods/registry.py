@@ -123,6 +123,11 @@ def _aim_budget(keep_fraction: float, num_layers: int) -> dict[str, Any]:
 _BUDGETS: dict[str, Callable[[float, int], dict[str, Any]]] = {"fastv": _fastv_budget, "aim": _aim_budget}
 
 
+def has_budget_mapping(name: str) -> bool:
+    """Whether `budget_options` can configure method `name` (ITP cannot: its cut is input-dependent)."""
+    return name.strip().lower() in _BUDGETS or getattr(_lookup(name), "budget_options", None) is not None
+
+
 def budget_options(name: str, keep_fraction: float, num_layers: Any) -> dict[str, Any]:
     """Options that make method `name` process about `keep_fraction` of the visual tokens, averaged over
     the LLM's decoder layers (see the module doc for each mapping). num_layers: the LLM depth, or a model /
