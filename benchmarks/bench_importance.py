@@ -2,7 +2,8 @@
 
 Shapes are those of `bench_speed.py`'s AIM default at 32 frames on the LLaVA-OneVision-0.5B shape (Qwen2-0.5B:
 14 query heads, 2 key/value heads, head dim 64): the token count each pruning layer scores comes from
-`AIM.tokens_per_layer` (only the layers where the stage ranks, 0 < keep(l) < 1). Inputs are random (the cost does not depend on values). Per layer: median seconds
+`AIM.tokens_per_layer`, for every layer in [l1, l2) (the last one, where keep(l) = 0, drops every visual
+token without ranking at run time, so its row is an upper bound that AIM does not pay). Inputs are random (the cost does not depend on values). Per layer: median seconds
 of `pagerank_importance` (float32, materialised lower-triangular M, 5 propagation steps) and of the text
 option (`received_attention` from the question's rows), and the seconds of one plain decoder layer's
 forward at that length for scale.
@@ -26,7 +27,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Rot
 from leanvlm import AIM
 from leanvlm.ops.attention import received_attention
 from leanvlm.ops.importance import pagerank_importance
-from leanvlm.ops.schedule import default_prune_layers, progressive_keep
+from leanvlm.ops.schedule import default_prune_layers
 
 RESULTS = Path(__file__).parent / "results"
 QWEN2_05B = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -63,8 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rotary = Qwen2RotaryEmbedding(config)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    # layers whose stage ranks anything: 0 < keep(l) (the last layer before l2 drops every visual token unranked)
-    for index in [l for l in range(l1, l2) if progressive_keep(l, l1, l2) > 0]:
+    for index in range(l1, l2):
         n = tokens[index]
         queries = torch.randn(1, heads, n, head_dim, generator=gen)
         keys = torch.randn(1, kv_heads, n, head_dim, generator=gen)
