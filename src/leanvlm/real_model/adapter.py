@@ -74,18 +74,25 @@ def load_recipe(directory: str = WEIGHTS_DIR) -> dict:
         return json.load(f)
 
 
+def read_adapter(directory: str = WEIGHTS_DIR) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A weights directory's adapter as shipped (float16): (projector state dict, {language-model module
+    path: (A [r, in], B [out, r])})."""
+    state = load_file(os.path.join(directory, "adapter.safetensors"))
+    projector = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
+    factors = {key[len("lora."):-len(".A")]: (state[key], state[key[:-len(".A")] + ".B"])
+               for key in state if key.startswith("lora.") and key.endswith(".A")}
+    return projector, factors
+
+
 @torch.no_grad()
 def apply_adapter(model: LlavaForConditionalGeneration, directory: str = WEIGHTS_DIR) -> None:
     """Load the projector and merge the LoRA factors into `model`'s language model, in place."""
     recipe = load_recipe(directory)
-    state = load_file(os.path.join(directory, "adapter.safetensors"))
-    projector = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
+    projector, factors = read_adapter(directory)
     model.model.multi_modal_projector.load_state_dict(projector)
     scale = recipe["lora_alpha"] / recipe["lora_r"]
     language_model = model.model.language_model
-    for key in state:
-        if key.startswith("lora.") and key.endswith(".A"):
-            path = key[len("lora."):-len(".A")]
-            linear = language_model.get_submodule(path)
-            delta = state[f"lora.{path}.B"].float() @ state[key].float()  # [out, in]
-            linear.weight += (scale * delta).to(linear.weight.dtype)
+    for path, (a, b) in factors.items():
+        linear = language_model.get_submodule(path)
+        delta = b.float() @ a.float()  # [out, in]
+        linear.weight += (scale * delta).to(linear.weight.dtype)

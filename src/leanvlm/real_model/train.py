@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from leanvlm.real_model import ANSWERS, answer_token_ids, build_prompt
-from leanvlm.real_model.adapter import LORA_TARGETS, add_lora, adapter_state, save_adapter
+from leanvlm.real_model.adapter import LORA_TARGETS, add_lora, adapter_state, read_adapter, save_adapter
 from leanvlm.real_model.assemble import NUM_IMAGE_TOKENS, load_base
 from leanvlm.real_model.data import VQAItem, easyvqa, scenes
 from leanvlm.real_model.features import CACHED_LAYERS, cache_features, load_features
@@ -207,15 +207,13 @@ def init_projector(model, data: PackedData, seed: int) -> None:
 
 @torch.no_grad()
 def load_adapter_factors(model, loras: dict, directory: str) -> None:
-    """Copy a saved adapter (projector weights + LoRA A/B, as adapter.py writes them) into the training wrappers."""
-    from safetensors.torch import load_file
-
-    state = load_file(os.path.join(directory, "adapter.safetensors"))
-    model.model.multi_modal_projector.load_state_dict(
-        {k[len("projector."):]: v.float() for k, v in state.items() if k.startswith("projector.")})
+    """Copy a saved adapter (adapter.read_adapter) into the projector and the training-time LoRA wrappers."""
+    projector, factors = read_adapter(directory)
+    model.model.multi_modal_projector.load_state_dict({k: v.float() for k, v in projector.items()})
     for path, lora in loras.items():
-        lora.A.copy_(state[f"lora.{path}.A"].float())
-        lora.B.copy_(state[f"lora.{path}.B"].float())
+        a, b = factors[path]
+        lora.A.copy_(a.float())
+        lora.B.copy_(b.float())
 
 
 def main(argv: list[str] | None = None) -> None:
