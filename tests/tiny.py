@@ -64,3 +64,23 @@ def select(inputs: dict[str, torch.Tensor], row: int, images_per_prompt: int = 1
         "attention_mask": inputs["attention_mask"][row, keep][None],
         "pixel_values": inputs["pixel_values"][row * images_per_prompt:(row + 1) * images_per_prompt],
     }
+
+
+def with_cache(model, cache) -> dict:
+    """{name: cache} for `model`'s forward, under the cache parameter the installed transformers names
+    (5.24: `cache`, earlier: `past_key_values`), found by its `Cache` annotation."""
+    import inspect
+
+    for name, parameter in inspect.signature(model.forward).parameters.items():
+        if "Cache" in str(parameter.annotation):
+            return {name: cache}
+    raise AssertionError(f"{type(model).__name__}.forward has no parameter annotated as a Cache")
+
+
+def cache_of(output):
+    """The transformers Cache instance a forward returned (whatever the output field is named)."""
+    from transformers import Cache
+
+    caches = [value for value in output.values() if isinstance(value, Cache)]
+    assert len(caches) == 1, f"the forward returned {len(caches)} caches"
+    return caches[0]

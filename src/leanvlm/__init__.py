@@ -7,6 +7,7 @@
     method.stats
 """
 
+from leanvlm.compat import warn_if_untested
 from leanvlm.methods import (
     AIM,
     ITP,
@@ -30,6 +31,8 @@ from leanvlm.models import supported_models
 from leanvlm.stats import ReductionStats, SampleStats
 
 __version__ = "0.1.0"
+
+warn_if_untested()
 
 __all__ = [
     "AIM", "ITP", "METHODS", "Compose", "FastV", "LLMStage", "Method", "Pool", "PreLLMStage", "PruMerge",

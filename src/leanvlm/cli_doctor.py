@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from leanvlm.cli_common import console
+from leanvlm.compat import version_check
 
 #: Model families people ask about -> transformers class. Supported iff an adapter lists the class.
 FAMILIES: dict[str, str] = {
@@ -23,35 +24,6 @@ FAMILIES: dict[str, str] = {
     "Qwen2-VL": "Qwen2VLForConditionalGeneration",
     "Qwen2.5-VL": "Qwen2_5_VLForConditionalGeneration",
 }
-
-
-def _requirement(package: str) -> str | None:
-    """leanvlm's own version specifier for a package (from its installed metadata)."""
-    try:
-        requires = metadata.requires("leanvlm") or []
-    except metadata.PackageNotFoundError:
-        return None
-    for line in requires:
-        if ";" in line:
-            continue
-        name = line.split("=")[0].split("<")[0].split(">")[0].split("!")[0].split("~")[0].strip()
-        if name.lower() == package.lower():
-            return line[len(name):].strip()
-    return None
-
-
-def _version_check(package: str) -> dict[str, Any]:
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
-    try:
-        installed = metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return {"name": package, "installed": None, "tested": _requirement(package), "ok": False}
-    spec = _requirement(package)
-    local = Version(installed).public  # 2.13.0+cpu -> 2.13.0
-    ok = True if not spec else Version(local) in SpecifierSet(spec)
-    return {"name": package, "installed": installed, "tested": spec, "ok": ok}
 
 
 def _installed(module: str) -> bool:
@@ -65,7 +37,7 @@ def collect() -> dict[str, Any]:
 
     from leanvlm.models import supported_models
 
-    versions = [_version_check("torch"), _version_check("transformers")]
+    versions = [version_check("torch"), version_check("transformers")]
     backends = {
         "eager": True,
         "sdpa": hasattr(torch.nn.functional, "scaled_dot_product_attention"),

@@ -126,6 +126,15 @@ class ModelAdapter(ABC):
         """Whether this forward carries pixels to encode (a prefill with images/videos)."""
         return kwargs.get("pixel_values") is not None
 
+    def visual_inputs(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """The tensors that carry this forward's pixels (raw, or pre-encoded by `generate`), in a fixed
+        order; the runtime compares them to tell a continuation of a prompt from a new prompt."""
+        tensors = [kwargs[name] for name in ("pixel_values", "pixel_values_videos") if torch.is_tensor(kwargs.get(name))]
+        for kind, encoded in sorted((kwargs.get("mm_encoder_outputs") or {}).items()):
+            pooled = getattr(encoded, "pooler_output", None)
+            tensors += [pooled] if torch.is_tensor(pooled) else [t for t in pooled or () if torch.is_tensor(t)]
+        return tensors
+
     def visual_input(self, kwargs: dict[str, Any], name: str) -> Any:
         """The forward kwarg `name` or, when the forward runs inside `generate` that consumed it while
         pre-encoding the pixels (e.g. `image_sizes`, `image_grid_thw`), the value the caller passed."""

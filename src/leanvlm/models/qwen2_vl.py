@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from leanvlm.compat import without_cache_arguments
 from leanvlm.models.base import ModelAdapter
 from leanvlm.models.vision import VisionProbe, packed_vision_signals
 from leanvlm.ops.select import gather_slots
@@ -168,10 +169,11 @@ class QwenVLAdapter(ModelAdapter):
         if given is not None:
             return given if given.dim() == 3 else given[None].expand(3, -1, -1)
         mm = self.multimodal_module
+        # The whole prompt's ids: the cache parameter (named differently across versions) stays at its default.
         names = inspect.signature(mm.compute_3d_position_ids).parameters
-        call = {name: self.visual_input(kwargs, name) for name in names if name not in ("inputs_embeds", "past_key_values")}
-        call.update(input_ids=kwargs["input_ids"], attention_mask=kwargs.get("attention_mask"), inputs_embeds=None,
-                    past_key_values=None)
+        known = {name: self.visual_input(kwargs, name) for name in names}
+        call = without_cache_arguments(mm.compute_3d_position_ids, known)
+        call.update(input_ids=kwargs["input_ids"], attention_mask=kwargs.get("attention_mask"), inputs_embeds=None)
         positions = mm.compute_3d_position_ids(**call)
         if positions is None:  # the model could not build M-RoPE ids either: it would use 0..L-1
             length = kwargs["input_ids"].shape[1]

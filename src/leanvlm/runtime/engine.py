@@ -10,13 +10,19 @@ Hooks installed (nothing global, nothing on classes):
   and a forward hook that removes the dropped tokens from the layer's output hidden states;
 - `generate` of the instance is wrapped, so that uncached generation reuses the prompt's decisions.
 
-Phases of a forward:
-- PREFILL: a new prompt. Stages score and decide; decisions are kept in a `Session`.
-- EXTEND: inside the same `generate` call without a KV cache, the prompt plus the tokens generated so far
-  are recomputed; the prompt's decisions are reused and every new token is kept. This is "pruned
-  prefill, then decoding without cache".
-- DECODE: a cached step continuing the session's cache. Each layer's cache holds exactly the tokens it
-  computed on, so only the attention mask needs remapping onto those cached keys.
+Phases of a forward, decided from state alone (the cache the forward carries, found by type, and the
+inputs), never from keyword names or from which `generate` call is running:
+- PREFILL: a new prompt (no cache, or an empty one). Stages score and decide; decisions are kept in a
+  `Session`, registered under the cache the model fills (if any).
+- EXTEND: no cache, and the input extends the last prompt (same leading input_ids and mask, same visual
+  input) by new tokens: an uncached generate step recomputing the prompt plus the tokens generated so
+  far. The prompt's decisions are reused and every new token is kept ("pruned prefill, then decoding
+  without cache").
+- DECODE: a non-empty cache that a leanvlm prefill filled, holding exactly the prompt plus the tokens
+  decoded since (checked, as is the 2-D mask length = past + new tokens). Each layer's cache holds the
+  tokens it computed on, so only the attention mask needs remapping onto those cached keys.
+A non-empty cache leanvlm did not fill runs the model unchanged; a leanvlm cache whose length or mask does
+not match raises one error saying what did not match. Every `generate` call starts a new prompt.
 Decode positions continue from the original (post pre-LLM) sequence length.
 """
 
@@ -35,6 +41,7 @@ from leanvlm.methods.base import LLMStage, check_layer
 from leanvlm.models import get_adapter
 from leanvlm.ops.select import FILLER, gather_slots, pack_right, top_k_mask
 from leanvlm.runtime.context import LayerContext, TokenLayout
+from leanvlm.compat import cache_length, find_cache
 from leanvlm.runtime.masks import reduced_attention_mask
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 from leanvlm.stats import ReductionStats, build_stats, visual_depth
@@ -56,16 +63,36 @@ class Phase(enum.Enum):
 class Session:
     """Decisions made for one prompt, reused by the forwards that continue it."""
 
-    generate_call: int | None
+    prompt_ids: torch.Tensor  # [B, L0] input_ids the caller passed at prefill
+    prompt_mask: torch.Tensor | None  # [B, L0] the caller's 2-D attention mask at prefill, None = all ones
+    visual_inputs: list[torch.Tensor]  # the prompt's visual input tensors (see ModelAdapter.visual_inputs)
     prompt_length: int  # LLM input length at prefill (after any pre-LLM shrink)
-    original_length: int  # input_ids length the caller passed at prefill
     shrunk: ShrunkSequence | None
     # drop layer -> [B, N_kept] positions (prompt space) of the tokens kept after it, -1 = filler
     decisions: dict[int, torch.Tensor] = field(default_factory=dict)
-    cache: weakref.ref | None = None
+    decoded: int = 0  # tokens appended to the session's cache by cached decode steps so far
 
-    def continues(self, cache: Any) -> bool:
-        return self.cache is not None and self.cache() is cache
+    @property
+    def original_length(self) -> int:
+        """input_ids length the caller passed at prefill."""
+        return self.prompt_ids.shape[1]
+
+    def extended_by(self, input_ids: torch.Tensor, mask: torch.Tensor | None, visual: list[torch.Tensor]) -> bool:
+        """Whether an uncached forward's input is this prompt followed by new tokens (same visual input)."""
+        length = self.original_length
+        if input_ids.shape[0] != self.prompt_ids.shape[0] or input_ids.shape[1] <= length:
+            return False
+        if not torch.equal(input_ids[:, :length], self.prompt_ids.to(input_ids.device)):
+            return False
+        if (mask is None) != (self.prompt_mask is None):
+            given = mask if mask is not None else self.prompt_mask
+            if not bool(given[:, :length].bool().all()):
+                return False
+        elif mask is not None and not torch.equal(mask[:, :length].bool(), self.prompt_mask.bool().to(mask.device)):
+            return False
+        # a later step may carry the visual input again or not at all, never a different one
+        return not visual or (len(visual) == len(self.visual_inputs) and all(
+            a is b or (a.shape == b.shape and torch.equal(a, b)) for a, b in zip(visual, self.visual_inputs)))
 
 
 @dataclass
@@ -113,10 +140,10 @@ class AppliedMethod:
                 self.drop_stages[layer] = stage
         self.needs = frozenset().union(*(stage.needs for stage in self.pre_stages))
         self._probe = self.adapter.install_vision_probe() if self.needs else None
-        self.session: Session | None = None
+        self.session: Session | None = None  # the last prompt's, for uncached forwards that extend it
+        # every cache a leanvlm prefill filled -> its session (weak: a cache the caller dropped is gone)
+        self._sessions: weakref.WeakKeyDictionary[Any, Session] = weakref.WeakKeyDictionary()
         self.fwd: ForwardState | None = None
-        self._generate_call: int | None = None
-        self._generate_calls = 0
         self._handles: list[Any] = []
         self._install()
         _ACTIVE[model] = self
@@ -139,15 +166,13 @@ class AppliedMethod:
         inner_generate = self.model.generate
 
         def generate(*args: Any, **kwargs: Any) -> Any:
-            self._generate_calls += 1
-            self._generate_call, self.session = self._generate_calls, None
+            self.session = None  # a generate call always starts a new prompt
             # generate pre-encodes the pixels and drops the inputs its encoder consumed (image sizes, grids)
             # from the forwards' kwargs; adapters look them up in the caller's inputs
             self.adapter.generate_inputs = kwargs
             try:
                 return inner_generate(*args, **kwargs)
             finally:
-                self._generate_call = None
                 self.adapter.generate_inputs = None
 
         self.model.generate = generate
@@ -165,6 +190,7 @@ class AppliedMethod:
             if self._had_own_generate:
                 self.model.generate = self._own_generate
         self.session = self.fwd = None
+        self._sessions = weakref.WeakKeyDictionary()
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
 
@@ -184,30 +210,59 @@ class AppliedMethod:
         if args:  # bind positional input_ids so every path below can use kwargs
             kwargs = {"input_ids": args[0], **kwargs}
             args = ()
-        past = kwargs.get("past_key_values")
-        past_length = past.get_seq_length() if past is not None else 0
+        cache = find_cache((), kwargs)
+        past_length = cache_length(cache)
         if past_length > 0:
-            if self.session is None or not self.session.continues(past):
-                self.fwd = None  # a cache leanvlm did not prefill: run unchanged
+            session = self._sessions.get(cache)
+            if session is None:
+                self.fwd = None  # a cache leanvlm did not prefill: every layer holds every token, run unchanged
                 return args, kwargs
-            fwd = ForwardState(Phase.DECODE, self.session, past_length=past_length)
-            if self.session.shrunk is not None:
-                kwargs = self.adapter.decode_inputs(kwargs, self.session.shrunk, self.session.original_length)
+            fwd = self._start_decode(session, kwargs, past_length)
+            if session.shrunk is not None:
+                kwargs = self.adapter.decode_inputs(kwargs, session.shrunk, session.original_length)
         else:
-            extend = self._generate_call is not None and self.session is not None and self.session.generate_call == self._generate_call
-            fwd, kwargs = self._start_prompt(kwargs, Phase.EXTEND if extend else Phase.PREFILL)
+            fwd, kwargs = self._start_prompt(kwargs, Phase.EXTEND if cache is None and self._extends(kwargs) else Phase.PREFILL)
         self.fwd = fwd
         fwd.seconds += time.perf_counter() - start
         return args, kwargs
+
+    def _extends(self, kwargs: dict[str, Any]) -> bool:
+        input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if self.session is None or input_ids is None:
+            return False
+        return self.session.extended_by(input_ids, mask if mask is not None and mask.dim() == 2 else None,
+                                        self.adapter.visual_inputs(kwargs))
+
+    def _start_decode(self, session: Session, kwargs: dict[str, Any], past_length: int) -> ForwardState:
+        """A cached step on a session's cache: check that the cache and the mask continue the session."""
+        expected = session.prompt_length + session.decoded
+        if past_length != expected:
+            raise ValueError(
+                f"the KV cache holds {past_length} tokens but leanvlm's prefill left {session.prompt_length} and "
+                f"{session.decoded} were decoded since ({expected}); a cache that was cropped, reordered in length or "
+                "reused across prompts cannot continue a reduced prefill: prefill again")
+        input_ids = kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        new = input_ids.shape[1] if input_ids is not None else embeds.shape[1] if embeds is not None else None
+        mask = kwargs.get("attention_mask")
+        if new is not None and mask is not None and mask.dim() == 2:
+            want = session.original_length + session.decoded + new
+            if mask.shape[1] != want:
+                raise ValueError(
+                    f"attention_mask has {mask.shape[1]} columns but a cached step after a {session.original_length}-token "
+                    f"prompt, {session.decoded} decoded and {new} new tokens needs {want} (past + new tokens)")
+        session.decoded += new or 0
+        return ForwardState(Phase.DECODE, session, past_length=past_length)
 
     def _start_prompt(self, kwargs: dict[str, Any], phase: Phase) -> tuple[ForwardState, dict[str, Any]]:
         """Prefill or extend: run the pre-LLM stages, shrink the input, record the token layout."""
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("leanvlm finds the visual tokens from input_ids; call the model with input_ids, not inputs_embeds")
-        original_length = input_ids.shape[1]
         mask = kwargs.get("attention_mask")
-        if phase is Phase.PREFILL and self._generate_call is not None and mask is not None and mask.dim() == 2 \
+        prompt_mask = mask if mask is not None and mask.dim() == 2 else None
+        visual_inputs = self.adapter.visual_inputs(kwargs)
+        if phase is Phase.PREFILL and self.adapter.generate_inputs is not None and mask is not None and mask.dim() == 2 \
                 and not bool(mask[:, -1].all()):
             raise ValueError("generate got a right-padded batch; pad on the left (tokenizer.padding_side = 'left'), "
                              "as decoder-only generation requires")
@@ -228,7 +283,7 @@ class AppliedMethod:
                                       self.adapter.visual_token_ids,
                                       self.adapter.protected_placeholders(kwargs, items if reduced else None))
         if phase is Phase.PREFILL:
-            self.session = Session(self._generate_call, layout.visual.shape[1], original_length, shrunk)
+            self.session = Session(input_ids, prompt_mask, visual_inputs, layout.visual.shape[1], shrunk)
         return ForwardState(phase, self.session, layout=layout, visual_in=visual_in, visual_items=items), kwargs
 
     def _after_multimodal(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -251,7 +306,9 @@ class AppliedMethod:
             start = time.perf_counter()
             hidden = args[0] if args else kwargs["hidden_states"]
             if layer == 0 and fwd.phase is Phase.PREFILL:
-                self.session.cache = self._cache_ref(kwargs.get("past_key_values"))
+                cache = find_cache(args[1:], kwargs)  # the model may create it only now, below the hooked module
+                if cache is not None:
+                    self._sessions[cache] = fwd.session
             if fwd.phase is Phase.DECODE:
                 override = self._decode_override(layer, hidden.shape[1], kwargs)
             else:
@@ -263,10 +320,6 @@ class AppliedMethod:
             return args, {**kwargs, **override}
 
         return hook
-
-    @staticmethod
-    def _cache_ref(cache: Any) -> weakref.ref | None:
-        return None if cache is None else weakref.ref(cache)
 
     def _count_tokens(self, fwd: ForwardState) -> None:
         if fwd.index is None:
