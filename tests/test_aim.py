@@ -168,7 +168,9 @@ def test_for_budget_accepts_a_model_instance():
     (dict(merge_keep=0), r"merge_keep must be in \(0, 1\], got 0"),
     (dict(merge_keep=1.2), r"merge_keep must be in \(0, 1\], got 1.2"),
     (dict(l1=5, l2=5), "l2 > l1, got l1=5, l2=5"),
-    (dict(importance="random"), "importance must be 'pagerank' or 'text', got 'random'"),
+    (dict(importance="random"), "importance must be 'auto', 'pagerank' or 'text', got 'random'"),
+    (dict(merge_metric="value"), "merge metric must be 'features' or 'key', got 'value'"),
+    (dict(merge_pass_fraction=0.7), r"pass_fraction must be in \(0, 0.5\], got 0.7"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -179,3 +181,68 @@ def test_schedule_beyond_model_depth_is_a_clear_error():
     model = tiny_llava("llama", "sdpa", layers=6)
     with pytest.raises(ValueError, match=r"0 <= l1 < l2 <= 6.*l1=2, l2=9"):
         leanvlm.AIM(l1=2, l2=9).apply(model)
+
+
+def _item(kind: str, frames: int = 1, seed: int = 0):
+    from leanvlm.runtime.visual import VisualItem
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(frames, 64, 16, generator=g)
+    keys = torch.randn(frames, 64, 8, generator=g)
+    return x, keys, VisualItem.from_frames(x, (8, 8), 0, kind, {"keys": keys})
+
+
+@pytest.mark.parametrize(("kind", "fraction"), [("image", 0.25), ("video", 0.5)])
+def test_merge_schedule_per_modality(kind, fraction):
+    """Images merge at most a quarter of their tokens per pass (measured, docs/methods/aim.md); video frames
+    keep the SPEC schedule (half per pass)."""
+    from leanvlm.methods.aim import TokenMerge
+    from leanvlm.ops.merge import merge_tokens
+
+    x, _, item = _item(kind, frames=2)
+    got = TokenMerge(0.25).reduce(item)
+    want = merge_tokens(x, None, 0.25, pass_fraction=fraction)
+    for f in range(2):
+        torch.testing.assert_close(got.frames[f], want.tokens[f], atol=0, rtol=0)
+        assert torch.equal(got.origin[f], want.kept_indices[f])
+    other = merge_tokens(x, None, 0.25, pass_fraction=0.75 - fraction)
+    assert not torch.equal(other.assignment, want.assignment)  # the two schedules do differ on these tokens
+
+
+def test_key_metric_matches_on_the_vision_keys():
+    from leanvlm.methods.aim import TokenMerge
+    from leanvlm.ops.merge import merge_tokens
+
+    x, keys, item = _item("image", seed=3)
+    stage = TokenMerge(0.25, metric="key")
+    assert stage.needs == {"keys"} and TokenMerge(0.25).needs == frozenset()
+    got = stage.reduce(item)
+    want = merge_tokens(x, keys, 0.25, pass_fraction=0.25)
+    assert torch.equal(got.groups[0], want.assignment[0])
+    assert not torch.equal(merge_tokens(x, None, 0.25, pass_fraction=0.25).assignment, want.assignment)
+
+
+def test_key_metric_on_a_model_runs_and_keeps_the_budget():
+    model = tiny_llava("llama", "sdpa", layers=6)
+    inputs = batch_inputs([prompt_ids(3, 5, seed=2)], seed=5)
+    method = leanvlm.AIM(merge_keep=0.5, merge_metric="key", prune=False)
+    with method.apply(model):
+        model(**inputs)
+    assert method.stats.samples[0].visual_into_llm == PATCHES // 2
+
+
+def test_auto_importance_ranks_videos_by_pagerank_and_images_by_text():
+    """importance="auto" (the default): in one mixed batch, the image sample is pruned exactly as with
+    importance="text" and the video sample exactly as with importance="pagerank"."""
+    from tiny_families import FAMILIES, image, video
+
+    family = FAMILIES["llava_onevision"]
+    model = family.build(layers=4)
+    inputs = family.inputs(model, [[3, image(0), 4], [2, video(1), 3]])
+    logits = {}
+    for importance in ("auto", "text", "pagerank"):
+        with leanvlm.AIM(merge_keep=1.0, l1=1, l2=3, importance=importance).apply(model):
+            logits[importance] = model(**inputs).logits[:, -1]
+    torch.testing.assert_close(logits["auto"][0], logits["text"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits["auto"][1], logits["pagerank"][1], atol=1e-5, rtol=0)
+    assert not torch.allclose(logits["text"], logits["pagerank"], atol=1e-4)  # the two rankings do differ

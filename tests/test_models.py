@@ -25,6 +25,7 @@ from leanvlm.methods.base import PreLLMStage
 from leanvlm.models import get_adapter
 from leanvlm.models.vision import restore_unit_order
 from leanvlm.runtime.visual import VisualItem
+from tiny import cache_of, with_cache
 from tiny_families import FAMILIES, IMAGE, VIDEO, Family, Visual, image, video
 
 LAYERS = 4
@@ -371,7 +372,7 @@ def test_qwen_decode_positions_continue_from_the_original_ids(family):
         logits = [out.logits[:, -1]]
         for _ in range(3):
             token = logits[-1].argmax(dim=-1, keepdim=True)
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **with_cache(model, cache_of(out)))
             logits.append(out.logits[:, -1])
     for got, want in zip(logits, reference.logits):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

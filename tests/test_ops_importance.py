@@ -138,3 +138,49 @@ def test_text_option_is_received_attention_from_the_question_rows():
     got = received_attention(queries[:, :, question], keys, pos[:, question], pos, valid, SCALE, chunk_size=3)
     probs = dense_attention(queries[:, :, question], keys, pos[:, question], pos, valid, SCALE)
     torch.testing.assert_close(got.double(), probs.mean(dim=(1, 2)), rtol=1e-4, atol=1e-7)
+
+
+# --- underflow-free ranking (SPEC 1b numerics) -----------------------------------------------------------
+from leanvlm.ops.importance import SAFE_MIN_SCORE, pagerank_log_importance, ranking_importance  # noqa: E402
+
+
+def sharp_inputs(seed: int = 2, magnitude: float = 3.5):
+    """Queries/keys so large that tau = 0.1 sharpened float32 probabilities underflow to exactly 0, while
+    float64 (exp down to e^-745) still represents every entry."""
+    queries, keys, pos, valid = make_inputs(seed)
+    return queries * magnitude, keys * magnitude, pos, valid
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+@pytest.mark.parametrize("max_matrix_bytes", [0, 2**30], ids=["chunked", "materialised"])
+def test_log_importance_is_the_log_of_the_float64_reference(chunk_size, max_matrix_bytes):
+    queries, keys, pos, valid = sharp_inputs()
+    reference = dense_pagerank(queries, keys, pos, pos, valid, SCALE)
+    got = pagerank_log_importance(queries, keys, pos, pos, valid, SCALE, chunk_size=chunk_size,
+                                  max_matrix_bytes=max_matrix_bytes)
+    assert bool((reference[valid] > 0).all()), "float64 reference underflowed: the inputs are too sharp"
+    torch.testing.assert_close(got[valid].double(), reference[valid].log(), atol=1e-3, rtol=1e-4)
+    assert bool((got[~valid] == float("-inf")).all())
+
+
+def test_float32_scores_underflow_and_tie_where_the_log_domain_ranks_exactly():
+    queries, keys, pos, valid = sharp_inputs()
+    fast = pagerank_importance(queries, keys, pos, pos, valid, SCALE)
+    assert bool((fast[valid] == 0).any()), "no underflow: the test would prove nothing"
+    reference = dense_pagerank(queries, keys, pos, pos, valid, SCALE)
+    ranked = ranking_importance(queries, keys, pos, pos, valid, valid, SCALE)
+    for row in range(BATCH):
+        real = valid[row]
+        ours, exact = ranked[row, real].double(), reference[row, real].log()
+        # every pair the exact scores order (beyond rounding) is ordered the same way: no tie by underflow
+        differ = (exact[:, None] - exact[None, :]).abs() > 1e-6
+        assert differ.any()
+        assert torch.equal((ours[:, None] > ours[None, :])[differ], (exact[:, None] > exact[None, :])[differ])
+
+
+def test_ranking_uses_the_fast_scores_when_they_are_safe():
+    queries, keys, pos, valid = make_inputs()  # unsharpened (tau = 1): no score near underflow
+    fast = pagerank_importance(queries, keys, pos, pos, valid, SCALE, tau=1.0)
+    assert bool((fast[valid] >= SAFE_MIN_SCORE).all())
+    ranked = ranking_importance(queries, keys, pos, pos, valid, valid, SCALE, tau=1.0)
+    assert torch.equal(ranked, fast)

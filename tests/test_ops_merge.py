@@ -224,3 +224,20 @@ def test_reconstruction_weighted_vs_plain():
     assert errors[0.5][0] == errors[0.5][1]  # one pass: all sizes are 1, the two means coincide
     for keep in (0.25, 0.125, 0.0625):
         assert errors[keep][1] < errors[keep][0]
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 196, 256])
+@pytest.mark.parametrize("keep", [0.1, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("fraction", [0.05, 0.25, 0.5])
+def test_schedule_pass_fraction_caps_every_pass_and_reaches_the_target(tokens, keep, fraction):
+    schedule = merge_schedule(tokens, keep, fraction)
+    current = tokens
+    for r in schedule:
+        assert 1 <= r <= max(1, int(current * fraction)) and r <= current // 2
+        current -= r
+    assert current == max(1, round(keep * tokens))
+
+
+def test_schedule_rejects_a_pass_fraction_a_bipartite_pass_cannot_do():
+    with pytest.raises(ValueError, match=r"pass_fraction must be in \(0, 0.5\], got 0.6"):
+        merge_schedule(10, 0.5, 0.6)

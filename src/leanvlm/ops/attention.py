@@ -29,8 +29,12 @@ def attention_probability_chunks(
     scale: float,
     chunk_size: int = 512,
     trim_columns: bool = False,
+    log: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, probs) for consecutive query chunks; probs is float32 [B, H, chunk, Nk].
+
+    log: yield log-probabilities instead (log_softmax: finite wherever the mask allows, -inf elsewhere;
+    a row with no allowed key is all -inf).
 
     queries [B, H, Nq, d], keys [B, Hkv, Nk, d] (RoPE already applied), query_pos [B, Nq],
     key_pos [B, Nk], key_valid [B, Nk] bool. A query row with no allowed key (a padding slot) gets all
@@ -55,9 +59,9 @@ def attention_probability_chunks(
         logits = torch.bmm(q.flatten(0, 1), keys[:, :, :width].flatten(0, 1).transpose(1, 2))
         logits = logits.view(*q.shape[:3], width)  # [B, H, c, w]
         logits.masked_fill_(~allowed[:, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.log_softmax(logits, dim=-1) if log else torch.softmax(logits, dim=-1)
         if not bool(allowed.any(dim=2).all()):
-            probs.nan_to_num_(nan=0.0)
+            probs.nan_to_num_(nan=float("-inf") if log else 0.0, neginf=float("-inf"))
         yield start, probs
 
 

@@ -149,23 +149,29 @@ def bipartite_merge_pass(
     return MergeResult(tokens, new_sizes, assignment, kept_indices, merged_metric)
 
 
-def merge_schedule(num_tokens: int, keep: float) -> list[int]:
+def merge_schedule(num_tokens: int, keep: float, pass_fraction: float = 0.5) -> list[int]:
     """Tokens to remove in each pass so that T = num_tokens ends at max(1, round(keep * T)).
 
-    Greedy: every pass removes as many as a bipartite pass can (half of its current count, rounded
-    down) until the target is reached, so the number of passes is minimal. keep = 0.25 on 196 tokens
-    gives [98, 49] (196 -> 98 -> 49, SPEC default); keep = 1.0 gives [] (identity). `round` is Python's
-    (half to even). Raises ValueError unless 0 < keep <= 1 and num_tokens >= 0.
+    Greedy: every pass removes as many as it may — at most `pass_fraction` of its current count (at
+    least 1), and never more than half of it (a bipartite pass cannot) — until the target is reached.
+    With the default 0.5 the number of passes is minimal: keep = 0.25 on 196 tokens gives [98, 49]
+    (196 -> 98 -> 49, SPEC default). A pass that removes half of its tokens merges EVERY source, however
+    dissimilar its best match; a smaller pass_fraction merges only the most similar pairs of each pass
+    (more passes), e.g. 0.25 on 256 tokens at keep 0.25: [64, 48, 36, 27, 17]. keep = 1.0 gives []
+    (identity). `round` is Python's (half to even). Raises ValueError unless 0 < keep <= 1,
+    0 < pass_fraction <= 0.5 and num_tokens >= 0.
     """
     if not (isinstance(keep, (int, float)) and math.isfinite(keep) and 0.0 < keep <= 1.0):
         raise ValueError(f"keep must be a ratio in (0, 1], got {keep!r}")
+    if not (isinstance(pass_fraction, (int, float)) and 0.0 < pass_fraction <= 0.5):
+        raise ValueError(f"pass_fraction must be in (0, 0.5], got {pass_fraction!r}")
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     target = max(1, round(keep * num_tokens))
     schedule: list[int] = []
     current = num_tokens
     while current > target:
-        r = min(current // 2, current - target)
+        r = min(current // 2, max(1, math.floor(current * pass_fraction)), current - target)
         schedule.append(r)
         current -= r
     return schedule
@@ -177,8 +183,10 @@ def merge_tokens(
     keep: float,
     weighted: bool = True,
     sizes: torch.Tensor | None = None,
+    pass_fraction: float = 0.5,
 ) -> MergeResult:
-    """Merge every row of x [B, T, C] down to max(1, round(keep * T)) tokens in `merge_schedule` passes.
+    """Merge every row of x [B, T, C] down to max(1, round(keep * T)) tokens in `merge_schedule` passes
+    (each removing at most `pass_fraction` of its tokens).
 
     metric [B, T, Cm] or None (= x, the SPEC default); sizes [B, T] (default all 1). `weighted` picks
     the size-weighted mean (default; measured in the module docstring) or the plain mean. Between passes
@@ -188,7 +196,7 @@ def merge_tokens(
     if x.dim() != 3:
         raise ValueError(f"need x [B, T, C], got {tuple(x.shape)}")
     result = bipartite_merge_pass(x, x if metric is None else metric, 0, sizes)
-    for r in merge_schedule(x.shape[1], keep):
+    for r in merge_schedule(x.shape[1], keep, pass_fraction):
         step = bipartite_merge_pass(result.tokens, result.metric, r, result.sizes, weighted)
         result = MergeResult(
             step.tokens,

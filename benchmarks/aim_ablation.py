@@ -1,0 +1,123 @@
+"""AIM ablation on the bundled real model, on held-out data no configuration was tuned on.
+
+Data: `fresh_easyvqa(IMAGES, seed)` (newly drawn easy-VQA-style images, 4 questions each) and
+`scenes("heldout", SCENES, seed)` (our generated scenes from a stream separate from train and test).
+Every configuration is scored closed-set (`score_answers`, one forward per batch) on the same items; the
+FLOPs ratio is the analytic LLM prefill ratio the method reports (mean over batches).
+
+    python benchmarks/aim_ablation.py --out benchmarks/results          # every configuration, seed 0
+    python benchmarks/aim_ablation.py --configs default,pagerank --seed 1
+Results are merged into OUT/aim-ablation.{json,md} (default ./runs) by configuration name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import leanvlm
+from leanvlm.methods.aim import ProgressivePrune, TokenMerge
+from leanvlm.real_model import load_real_model
+from leanvlm.real_model.data import fresh_easyvqa, scenes
+from leanvlm.real_model.evaluate import evaluate
+
+#: name -> (description, factory). None = the plain model. "published" = the SPEC / published merge schedule
+#: (each pass removes up to half of the tokens: 256 -> 128 -> 64); AIM()'s image default merges at most a
+#: quarter per pass (256 -> 192 -> 144 -> 108 -> 81 -> 64).
+CONFIGS: dict[str, tuple[str, Callable[[], leanvlm.Method] | None]] = {
+    "plain": ("no reduction", None),
+    "before": ("previous default: published schedule, float32 PageRank (underflow ties)",
+               lambda: leanvlm.Compose(pre=[TokenMerge(0.25, pass_fraction=0.5)],
+                                       llm=[ProgressivePrune(exact_ranking=False)])),
+    "published_exact": ("published schedule, underflow-free PageRank",
+                        lambda: leanvlm.AIM(merge_pass_fraction=0.5, importance="pagerank")),
+    "published_merge_only": ("published schedule, merge only", lambda: leanvlm.AIM(prune=False, merge_pass_fraction=0.5)),
+    "prune_only": ("prune only: AIM(merge_keep=1.0, importance='pagerank')",
+                   lambda: leanvlm.AIM(merge_keep=1.0, importance="pagerank")),
+    "published_text": ("published schedule, importance='text'",
+                       lambda: leanvlm.AIM(importance="text", merge_pass_fraction=0.5)),
+    "published_key_merge_only": ("published schedule, key metric, merge only",
+                                 lambda: leanvlm.AIM(prune=False, merge_metric="key", merge_pass_fraction=0.5)),
+    "published_key": ("published schedule, key metric",
+                      lambda: leanvlm.AIM(merge_metric="key", merge_pass_fraction=0.5, importance="pagerank")),
+    "merge_only": ("AIM(prune=False): quarter-per-pass merge only", lambda: leanvlm.AIM(prune=False)),
+    "key_merge_only": ("AIM(prune=False, merge_metric='key')", lambda: leanvlm.AIM(prune=False, merge_metric="key")),
+    "tenth_key_merge_only": ("AIM(prune=False, merge_metric='key', merge_pass_fraction=0.1)",
+                             lambda: leanvlm.AIM(prune=False, merge_metric="key", merge_pass_fraction=0.1)),
+    "pagerank": ("AIM(importance='pagerank'): quarter-per-pass merge + underflow-free PageRank",
+                 lambda: leanvlm.AIM(importance="pagerank")),
+    "key": ("AIM(merge_metric='key', importance='pagerank')", lambda: leanvlm.AIM(merge_metric="key", importance="pagerank")),
+    "default": ("AIM() default: quarter-per-pass merge + text importance (images)", lambda: leanvlm.AIM()),
+    "visionzip": ("VisionZip()", lambda: leanvlm.VisionZip()),
+    "itp": ("ITP()", lambda: leanvlm.ITP()),
+}
+
+
+def run(model, processor, name: str, items: list, batch_size: int) -> dict:
+    factory = CONFIGS[name][1]
+    method = factory() if factory is not None else None
+    result = evaluate(model, processor, items, batch_size=batch_size, method=method, progress=False)
+    stats = result.pop("stats", None)
+    result["flops_ratio"] = statistics.mean(s.flops_ratio for s in stats) if stats else 1.0
+    return result
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "aim-ablation.json").write_text(json.dumps(results, indent=2))
+    lines = ["| configuration | fresh easy-VQA | scenes (held out) | count | position | FLOPs ratio |",
+             "|---|---|---|---|---|---|"]
+    for name, row in results["configs"].items():
+        easy, scene = row["easyvqa"], row["scenes"]
+        lines.append(f"| {row['description']} | {easy['accuracy']:.3f} | {scene['accuracy']:.3f} | "
+                     f"{scene['per_type'].get('count', float('nan')):.3f} | {scene['per_type'].get('position', float('nan')):.3f} | "
+                     f"{easy['flops_ratio']:.2f}x |")
+    header = (f"Held-out data: {results['easyvqa_n']} questions on {results['images']} fresh easy-VQA-style images "
+              f"(seed {results['seed']}) and {results['scenes_n']} questions on {results['scenes']} held-out scenes.\n"
+              f"Command: `{results['command']}`\n\n")
+    (out / "aim-ablation.md").write_text(header + "\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names: " + ", ".join(CONFIGS))
+    parser.add_argument("--images", type=int, default=60, help="fresh easy-VQA-style images (4 questions each)")
+    parser.add_argument("--scenes", type=int, default=60, help="held-out scenes (3-5 questions each)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("runs"),
+                        help="output directory (default ./runs; the committed tables are in benchmarks/results)")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    torch.manual_seed(0)
+    model, processor = load_real_model()
+    easy, scene = fresh_easyvqa(args.images, args.seed), scenes("heldout", args.scenes, args.seed)
+    path = args.out / "aim-ablation.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if (results.get("images"), results.get("scenes"), results.get("seed")) != (args.images, args.scenes, args.seed):
+        results = {"configs": {}}  # other data: start over
+    results.update(images=args.images, scenes=args.scenes, seed=args.seed, easyvqa_n=len(easy), scenes_n=len(scene),
+                   command="python benchmarks/aim_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    for name in names:
+        start = time.perf_counter()
+        row = {"description": CONFIGS[name][0], "easyvqa": run(model, processor, name, easy, args.batch_size),
+               "scenes": run(model, processor, name, scene, args.batch_size)}
+        results["configs"][name] = row
+        print(f"{name:14s} easy {row['easyvqa']['accuracy']:.3f}  scenes {row['scenes']['accuracy']:.3f} "
+              f"{row['scenes']['per_type']}  {row['easyvqa']['flops_ratio']:.2f}x  ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+        write(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
