@@ -11,7 +11,7 @@ of that one vision forward. What is timed per method is the LLM prefill (incl. t
 reduction code), median of --repeats runs after one warm-up, then --new-tokens cached greedy decode steps
 continuing the last prefill.
 
-    python benchmarks/bench_speed.py                      # full run, writes benchmarks/results/speed.*
+    python benchmarks/bench_speed.py --out benchmarks/results   # full run, writes benchmarks/results/speed.*
     python benchmarks/bench_speed.py --tiny --repeats 1 --budget 0.75   # a smoke run on a tiny config
 """
 
@@ -36,7 +36,6 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 import leanvlm
 from leanvlm.methods.registry import make_method
 
-RESULTS = Path(__file__).parent / "results"
 IMAGE_TOKEN, VIDEO_TOKEN = 151646, 151647
 
 
@@ -218,7 +217,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--budget", type=float, default=1 / 7, help="FLOPs fraction for AIM.for_budget")
     parser.add_argument("--tiny", action="store_true", help="tiny config smoke run (use --budget 0.75: the LM head dominates)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=Path("runs"),
+                        help="output directory (default ./runs; the committed tables are in benchmarks/results)")
     parser.add_argument("--name", default=None, help="output file stem (default: speed, or speed-tiny)")
     args = parser.parse_args(argv)
     if args.threads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -67,6 +68,8 @@ def test_reduction_figure_png_size(tmp_path, frames):
                                [o.numpy() for o in item.origin], layers, visual, "AIM(merge_keep=0.25)", visual_in,
                                into, 3.2, base_tokens=visual_in + 10)
     assert fig.texts and "AIM(merge_keep=0.25)" in fig.texts[0].get_text()
+    legend = [text.get_text().split(":")[0] for text in fig.legends[0].get_texts()]
+    assert legend == ["kept", "merged", "group's representative patch", "dropped"]
     path = viz.save_png(fig, tmp_path / "out" / "fig.png", dpi=80)
     width, height = viz.figure_size(frames)
     with Image.open(path) as png:
@@ -97,15 +100,115 @@ def test_reduction_figure_needs_matching_lists():
         viz.reduction_figure([picture()], [(2, 2), (2, 2)], [np.arange(4)], None, [1], [1], "m", 4, 4)
 
 
+def test_pareto_front():
+    points = [
+        (2.0, 0.90),
+        (2.0, 0.85),  # same reduction, less accurate: dominated
+        (1.5, 0.90),  # as accurate, smaller reduction: dominated
+        (4.0, 0.80),
+        (4.0, 0.80),  # exact repeat: listed once
+        (3.0, 0.70),  # dominated by (4.0, 0.80)
+        (8.0, 0.60),
+        (6.0, 0.60),  # tie on accuracy, smaller reduction: dominated
+        (1.0, 0.95),  # most accurate of all: on the front despite the smallest reduction
+    ]
+    expected = [(1.0, 0.95), (2.0, 0.90), (4.0, 0.80), (8.0, 0.60)]
+    assert viz.pareto_front(points) == expected
+    assert viz.pareto_front(reversed(points)) == expected
+    assert viz.pareto_front([(3, 0.5)]) == [(3.0, 0.5)]
+    assert viz.pareto_front([]) == []
+
+
+def test_pareto_front_agrees_with_the_sweep_table():
+    """The plot circles exactly the rows `leanvlm sweep`'s markdown table marks "Pareto"."""
+    from leanvlm.cli_eval import pareto_front as table_front
+
+    rng = np.random.default_rng(0)
+    rows = [{"flops_ratio": float(r), "accuracy": float(a)}
+            for r, a in zip(rng.choice([1.5, 2.0, 4.0, 7.0], 40), rng.choice([0.6, 0.7, 0.8, 0.9], 40))]
+    points = [(row["flops_ratio"], row["accuracy"]) for row in rows]
+    assert set(viz.pareto_front(points)) == {(row["flops_ratio"], row["accuracy"]) for row in table_front(rows)}
+
+
+SWEEP_ROWS = [{"method": "aim", "flops_ratio": r, "accuracy": a} for r, a in ((2, 0.9), (4, 0.85), (7.5, 0.8))]
+SWEEP_ROWS += [{"method": "fastv", "flops_ratio": r, "accuracy": a} for r, a in ((2.1, 0.91), (4.2, 0.7))]
+
+
 def test_pareto_figure(tmp_path):
-    rows = [{"method": "aim", "flops_ratio": r, "accuracy": a} for r, a in ((2, 0.9), (4, 0.85), (7.5, 0.8))]
-    rows += [{"method": "fastv", "flops_ratio": r, "accuracy": a} for r, a in ((2.1, 0.88), (4.2, 0.7))]
-    fig = viz.pareto_figure(rows, baseline=0.92)
-    labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
-    assert labels == ["aim", "fastv", "plain model"]
+    fig = viz.pareto_figure(SWEEP_ROWS, baseline=0.92)
+    ax = fig.axes[0]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == ["aim", "fastv", "Pareto frontier", "plain model"]
+    frontier = next(line for line in ax.get_lines() if line.get_label() == "Pareto frontier")
+    assert list(zip(frontier.get_xdata(), frontier.get_ydata())) == [(2.1, 0.91), (4, 0.85), (7.5, 0.8)]
+    assert frontier.get_drawstyle() == "steps-pre"
+    low, high = ax.get_ylim()
+    assert low < 0.7 and high > 0.92  # the plain model's line off the frame
     path = viz.save_png(fig, tmp_path / "pareto.png")
     with Image.open(path) as png:
         assert png.size == viz.expected_size((8, 5.5)) == (800, 550)
+
+
+def test_pareto_figure_is_readable():
+    """Powers-of-two tick labels that do not overprint, and a long title (as `leanvlm sweep` writes) wrapped
+    inside the figure rather than clipped."""
+    rows = SWEEP_ROWS + [{"method": "itp", "flops_ratio": 7.45, "accuracy": 0.82}]
+    title = ("Sweep on easyvqa (200 questions, bundled real model (DINOv2-S + SmolLM2-135M, LLaVA), "
+             "a few more words so that it is too long for one line)")
+    fig = viz.pareto_figure(rows, title=title, baseline=0.92)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    ticks = [label for label in ax.get_xticklabels() if label.get_text()]
+    assert [label.get_text() for label in ticks] == ["1x", "2x", "4x", "8x"]
+    boxes = [label.get_window_extent() for label in ticks]
+    assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:]))
+    figure_box = fig.bbox
+    for text in [ax.title, *ticks, ax.get_legend()]:
+        box = text.get_window_extent()
+        assert figure_box.x0 <= box.x0 and box.x1 <= figure_box.x1 and box.y1 <= figure_box.y1
+    assert "\n" in ax.get_title()
+    plt.close(fig)
+
+
+def test_powers_of_two_ticks():
+    assert viz.powers_of_two_ticks(1, 7.5) == [1, 2, 4, 8]
+    assert viz.powers_of_two_ticks(2, 2) == [2, 4]
+    assert viz.powers_of_two_ticks(1, 2 ** 12) == [2.0 ** k for k in range(0, 13, 2)]
+
+
+@pytest.mark.parametrize("overlay", ["patch_overlay", "depth_overlay"])
+@pytest.mark.parametrize(("height", "width", "grid"), [(64, 128, (4, 4)), (64, 128, (3, 8)), (120, 40, (6, 3))])
+def test_image_keeps_its_aspect_ratio(overlay, height, width, grid):
+    """A W x H image is drawn W wide and H tall, whatever its patch grid."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    patches = grid[0] * grid[1]
+    if overlay == "patch_overlay":
+        viz.patch_overlay(ax, picture()[:1, :1].repeat(height, 0).repeat(width, 1), grid, np.arange(patches))
+    else:
+        viz.depth_overlay(ax, np.zeros((height, width, 3)), grid, np.arange(patches) % 3, 3)
+    fig.canvas.draw()
+    drawn = ax.get_window_extent()
+    assert drawn.width / drawn.height == pytest.approx(width / height, rel=0.02)
+    plt.close(fig)
+
+
+def test_overlays_let_the_image_show_through():
+    """Merged tints and dropped darkening are translucent: the same patches over a black and over a white
+    image must still differ by at least 40% of the full range at every patch."""
+    groups = np.array([0, 0, -1, 1, 1, -1, 2, 2, 2])  # merged or dropped, no patch left untinted
+    renders = []
+    for value in (0, 255):
+        fig, ax = plt.subplots(figsize=(3, 3), dpi=100)
+        viz.patch_overlay(ax, np.full((30, 30, 3), value, dtype=np.uint8), (3, 3), groups)
+        fig.canvas.draw()
+        pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(float)
+        # A point of each patch clear of its borders, its cross and any dot.
+        spots = ax.transData.transform([(c + 0.5, r + 0.2) for r in range(3) for c in range(3)])
+        rows = pixels.shape[0] - 1 - np.round(spots[:, 1]).astype(int)  # display y grows upwards
+        renders.append(pixels[rows, np.round(spots[:, 0]).astype(int)])
+        plt.close(fig)
+    difference = np.abs(renders[1] - renders[0]).mean(axis=1)
+    assert difference.min() > 0.4 * 255, difference
 
 
 @pytest.mark.parametrize("method", ["aim", "fastv", "pyramiddrop"])

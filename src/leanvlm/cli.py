@@ -23,6 +23,9 @@ from rich.table import Table
 from leanvlm.cli_common import (
     CLIError,
     build_method,
+    check_at_least,
+    check_output_file,
+    check_question,
     console,
     describe_method,
     dump_json,
@@ -68,8 +71,12 @@ def _reflow(fn):
     return fn
 
 
+#: `--debug` anywhere on the command line (see `main`): errors show their traceback instead of one line
+DEBUG = False
+
+
 def _guard(fn):
-    """Turn CLIError / ValueError into one red line and exit code 2."""
+    """Turn any error into one red line and exit code 2 (130 on Ctrl-C); `--debug` re-raises instead."""
     import functools
 
     _reflow(fn)
@@ -78,10 +85,22 @@ def _guard(fn):
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
         except CLIError as error:
+            if DEBUG:
+                raise
             raise fail(str(error)) from None
-        except (ValueError, FileNotFoundError) as error:
-            raise fail(f"{type(error).__name__}: {error}") from None
+        except KeyboardInterrupt:
+            if DEBUG:
+                raise
+            fail("interrupted")
+            raise typer.Exit(code=130) from None
+        except Exception as error:  # noqa: BLE001 - a CLI user gets one line, not a traceback
+            if DEBUG:
+                raise
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise fail(f"{type(error).__name__}: {message} (run with --debug for the traceback)") from None
 
     return wrapper
 
@@ -178,9 +197,12 @@ def run(
     """Answer a question about an image or a video with a method applied (default: AIM on the bundled model)."""
     from leanvlm.hub import load_media
 
+    check_question(question)
+    check_at_least("--frames", frames)
+    check_at_least("--max-new-tokens", max_new_tokens)
     chosen = build_method(method, opt, keep)
+    media_item = load_media(media, frames)  # before the model: a bad file is reported at once
     loaded = load_model(model, device, dtype)
-    media_item = load_media(media, frames)
     text, stats, seconds = _generate(loaded, chosen, media_item, question, max_new_tokens)
     report = {"answer": text, "method": method, "method_repr": describe_method(chosen),
               "options": method_options_dict(chosen), "model": loaded.name, "media": str(media),
@@ -221,6 +243,9 @@ def eval_command(
     """
     from leanvlm.cli_eval import evaluate, load_items
 
+    check_at_least("--limit", limit)
+    check_at_least("--batch-size", batch_size)
+    check_output_file(json_path, "--json")
     chosen = build_method(method, opt, keep)
     items = load_items(dataset, limit, split)
     loaded = load_model(model, device, dtype)
@@ -260,7 +285,9 @@ def sweep(
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
-    out: Path = typer.Option(Path("benchmarks/results"), "--out", help="Directory for sweep-<dataset>.{md,json,png}."),
+    out: Path = typer.Option(Path("runs"), "--out",
+                             help="Directory for sweep-<dataset>.{md,json,png} (default ./runs, so the committed "
+                                  "benchmarks/results are never overwritten by accident)."),
 ) -> None:
     """Every method at several FLOPs budgets: markdown table, JSON and Pareto plot.
 
@@ -279,6 +306,10 @@ def sweep(
     )
     from leanvlm.viz import pareto_figure, save_png
 
+    check_at_least("--limit", limit)
+    check_at_least("--batch-size", batch_size)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file; give a directory")
     names = [m.strip() for m in methods.split(",")] if methods else method_names()
     unknown = [n for n in names if n.lower() not in method_names()]
     if unknown:
@@ -414,6 +445,8 @@ def flops(
         return
     if (preset is None) == (config is None):
         raise CLIError("give exactly one of --preset NAME or --config FILE")
+    if config is not None and not config.is_file():
+        raise CLIError(f"--config {str(config)!r} is not a file")
     if frames is not None and image:
         raise CLIError("give --frames or --image, not both")
     options = parse_opts(opt)
@@ -431,6 +464,9 @@ def flops(
     except TypeError as error:
         known = [p for p in inspect.signature(F.METHODS[name]).parameters if p != "w"] if isinstance(target, str) else []
         raise CLIError(f"{error}; the calculator's {name!r} takes: {', '.join(known) or 'no options'}") from error
+    except KeyError as error:  # a config.json without a field the calculator needs
+        source = f"--config {str(config)!r}" if config is not None else f"--preset {preset!r}"
+        raise CLIError(f"{source}: {error.args[0]}") from error
     data = report.to_dict()
     if json_out:
         dump_json(data)
@@ -479,9 +515,14 @@ def show(
     from leanvlm.cli_show import render_show
     from leanvlm.hub import load_media
 
+    check_question(question)
+    check_at_least("--frames", frames)
+    if not 20 <= dpi <= 600:
+        raise CLIError(f"--dpi must be in [20, 600], got {dpi}")
+    check_output_file(out, "--out")
     chosen = build_method(method, opt, keep)
-    loaded = load_model(model, device, dtype)
     media_item = load_media(media, frames)
+    loaded = load_model(model, device, dtype)
     text, stats, _ = _generate(loaded, chosen, media_item, question, max_new_tokens=8)
     counts = render_show(loaded, chosen, method, media_item, stats, out, dpi)
     if json_out:
@@ -561,4 +602,13 @@ def main() -> None:  # pragma: no cover - console entry point alternative
 
 
 if __name__ == "__main__":  # pragma: no cover
+    app()
+
+
+def main() -> None:
+    """The `leanvlm` / `python -m leanvlm` entry point: `--debug` anywhere shows tracebacks."""
+    global DEBUG
+    if "--debug" in sys.argv[1:]:
+        DEBUG = True
+        sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a != "--debug")]
     app()

@@ -80,6 +80,62 @@ def parse_ratios(text: str) -> list[float]:
     return ratios
 
 
+# ------------------------------------------------------------------------------------------- validation
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_at_least(option: str, value: int | None, minimum: int = 1) -> None:
+    """CLIError naming the option unless value is None or an int >= minimum."""
+    if value is not None and value < minimum:
+        raise CLIError(f"{option} must be >= {minimum}, got {value}")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise CLIError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def check_device(device: str | None) -> None:
+    """CLIError for a device this torch build cannot use (e.g. --device cuda on a CPU-only build)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise CLIError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from error
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device!r}: this torch build has no usable CUDA device (torch {torch.__version__})")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CLIError(f"--device {device!r}: MPS is not available here")
+
+
+def check_question(question: str | None) -> str:
+    if question is None or not question.strip():
+        raise CLIError(f"the question is empty ({question!r}); ask something about the image")
+    return question
+
+
+def check_output_file(path: str | os.PathLike[str] | None, option: str) -> None:
+    """CLIError now (before any model load) if `path` cannot be written as a file."""
+    if path is None or os.fspath(path) == "-":
+        return
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise CLIError(f"{option} {path!r} is a directory; give a file name")
+    directory = os.path.dirname(path)
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise CLIError(f"{option} {path!r}: cannot write in {existing!r}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise CLIError(f"{option} {path!r} is not writable")
+
+
 # ---------------------------------------------------------------------------------------------- methods
 def method_names() -> list[str]:
     from leanvlm.methods.registry import METHODS
@@ -115,7 +171,9 @@ def build_method(name: str | None, opts: Sequence[str] | None = None, keep: floa
         if key is None:
             raise CLIError(f"--keep has no meaning for {name!r}; use --opt with one of: "
                            f"{', '.join(method_option_names(name))}")
-        options.setdefault(key, keep)
+        if key in options:
+            raise CLIError(f"--keep {keep} and --opt {key}={options[key]} both set {key}; give one of them")
+        options[key] = keep
     from leanvlm.methods.registry import make_method
 
     try:
@@ -186,6 +244,8 @@ def load_model(model: str | None, device: str | None = None, dtype: str = "auto"
     import torch
     from transformers.utils import logging as hf_logging
 
+    check_dtype(dtype)
+    check_device(device)
     hf_logging.disable_progress_bar()  # the CLI shows its own status; keep --json output clean
     if model in (None, "", "bundled", "real"):
         from leanvlm.real_model.locate import MissingWheelError
@@ -247,8 +307,11 @@ def dump_json(data: Any, path: str | None = None) -> None:
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with open(path, "w") as handle:
+    # atomic: a reader (or a crash mid-write) never sees half a file
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(temporary, "w") as handle:
         handle.write(text + "\n")
+    os.replace(temporary, path)
 
 
 def fail(message: str) -> typer.Exit:

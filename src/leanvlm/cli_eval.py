@@ -37,10 +37,18 @@ def load_items(dataset: str, limit: int | None = None, split: str = "test", seed
     elif os.path.isdir(dataset):
         if not os.path.exists(os.path.join(dataset, "questions.json")):
             raise CLIError(f"{dataset!r} has no questions.json (expected easy-VQA's layout: images/N.png + questions.json)")
-        items = data.load_vqa_dir(dataset, prefix=os.path.basename(os.path.normpath(dataset)) + "-")
+        try:
+            items = data.load_vqa_dir(dataset, prefix=os.path.basename(os.path.normpath(dataset)) + "-")
+        except ValueError as error:
+            raise CLIError(str(error)) from error
     else:
         raise CLIError(f"unknown dataset {dataset!r}: use easyvqa, scenes or a directory")
-    return items[:limit] if limit is not None else items
+    if limit is not None and limit < 1:
+        raise CLIError(f"--limit must be >= 1, got {limit}")
+    items = items[:limit] if limit is not None else items
+    if not items:
+        raise CLIError(f"dataset {dataset!r} has no questions")
+    return items
 
 
 def normalize(text: str) -> str:
@@ -111,6 +119,13 @@ def evaluate(
     if not items:
         raise CLIError("no items to evaluate")
     predict, mode = make_predictor(loaded, mode, max_new_tokens)
+    if mode == "closed":
+        from leanvlm.real_model import ANSWERS
+
+        outside = sorted({it.answer for it in items} - set(ANSWERS))
+        if outside:
+            raise CLIError(f"answers {', '.join(map(repr, outside[:5]))} are outside the bundled model's closed answer "
+                           f"set ({', '.join(ANSWERS)}); score them with --mode generate")
     applied_method = method if method is not None else Compose()
     correct = 0
     per_type: dict[str, list[int]] = {}

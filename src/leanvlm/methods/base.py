@@ -13,10 +13,13 @@ A method subclass only says which stages it is made of (`stages()`); `Compose` b
 from __future__ import annotations
 
 import math
+import sys
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -40,6 +43,47 @@ def check_layer(name: str, layer: int, num_layers: int) -> None:
     """Validate a 0-indexed decoder layer after which a stage drops tokens."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
         raise ValueError(f"{name} must be a decoder layer index in [0, {num_layers - 1}] for this model, got {layer!r}")
+
+
+def _matches(value: Any, annotation: Any) -> bool | None:
+    """Whether value fits a simple annotation (bool / int / float / str / None / Literal / unions of them);
+    None when the annotation is not one leanvlm checks (sequences, classes)."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return any(value == option and type(value) is type(option) for option in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_matches(value, member) for member in typing.get_args(annotation)]
+        return None if None in verdicts and not any(verdicts) else any(verdicts)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return None
+
+
+def check_option_types(method: Any) -> None:
+    """ValueError naming the option when a dataclass option's value does not fit its annotation, e.g.
+    `AIM(prune="false")` (a string is truthy: it would silently prune)."""
+    module = vars(sys.modules[type(method).__module__])
+    for option in fields(method):
+        if not option.init:
+            continue
+        annotation = option.type
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, module)  # noqa: S307 - the class's own annotation text
+            except Exception:  # a name only imported for type checking: not a simple type
+                continue
+        value = getattr(method, option.name)
+        if _matches(value, annotation) is False:
+            expected = getattr(option.type, "__name__", str(option.type))
+            raise ValueError(f"{type(method).__name__} option {option.name} must be {expected}, got {value!r}")
 
 
 def keep_count(fraction: float | torch.Tensor, available: torch.Tensor, at_least_one: bool = True) -> torch.Tensor:
@@ -118,9 +162,12 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} must define stages()")
 
     def apply(self, model: torch.nn.Module) -> AppliedMethod:
-        """Apply to ONE model instance, reversibly: use as a context manager (or call `.remove()`)."""
+        """Apply to ONE model instance, reversibly: use as a context manager (or call `.remove()`).
+
+        Options are type-checked first (ValueError naming the option), before anything is installed."""
         from leanvlm.runtime.engine import AppliedMethod
 
+        check_option_types(self)
         return AppliedMethod(self, model)
 
 
@@ -130,6 +177,16 @@ class Compose(Method):
 
     pre: Sequence[PreLLMStage] = ()
     llm: Sequence[LLMStage] = ()
+
+    def __post_init__(self) -> None:
+        for name, kind in (("pre", PreLLMStage), ("llm", LLMStage)):
+            stages = getattr(self, name)
+            if isinstance(stages, (PreLLMStage, LLMStage)) or not isinstance(stages, Sequence):
+                raise ValueError(f"Compose({name}=...) takes a list of stages, got {stages!r}")
+            for stage in stages:
+                if not isinstance(stage, kind):
+                    hint = (" (a Method is not a stage: use its .stages())" if isinstance(stage, Method) else "")
+                    raise ValueError(f"Compose({name}=[...]) needs {kind.__name__} instances, got {stage!r}{hint}")
 
     def stages(self) -> tuple[Sequence[PreLLMStage], Sequence[LLMStage]]:
         return tuple(self.pre), tuple(self.llm)

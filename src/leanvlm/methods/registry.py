@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from leanvlm.methods.aim import AIM
-from leanvlm.methods.base import Method, check_fraction
+from leanvlm.methods.base import Method, check_fraction, check_option_types
 from leanvlm.methods.fastv import FastV
 from leanvlm.methods.itp import ITP
 from leanvlm.methods.pool import Pool
@@ -75,7 +75,9 @@ def make_method(name: str, **options: Any) -> Method:
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"{name!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(known)}")
-    return cls(**options)
+    method = cls(**options)
+    check_option_types(method)
+    return method
 
 
 def _num_layers(model_or_layers: Any) -> int:

@@ -28,6 +28,8 @@ Deviations from the paper's code:
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,6 +86,10 @@ class DominantContextual(PreLLMStage):
         tokens = frame.shape[0]
         dominant, contextual = self.counts(tokens)
         if dominant + contextual >= tokens:
+            if self.keep is None and self.dominant + self.contextual > tokens:
+                warnings.warn(f"VisionZip(dominant={self.dominant}, contextual={self.contextual}) keeps every token of "
+                              f"a {tokens}-token frame: it reduces nothing; lower the counts or give keep=",
+                              UserWarning, stacklevel=2)
             return None
         device = frame.device
         attention = frame_signal(item, "cls_attention", f, "VisionZip").float()

@@ -49,29 +49,50 @@ class VQAItem:
 
 
 def question_type(answer: str) -> str:
-    """easy-VQA question type from its answer: "shape", "color" or "yes/no"."""
+    """Question type from the answer: "shape", "color", "yes/no" (easy-VQA's), "count" (the scenes'
+    2 / 3 / 4), else "other" (a free-form answer, scored by `--mode generate`)."""
     if answer in SHAPES:
         return "shape"
     if answer in COLORS:
         return "color"
     if answer in ("yes", "no"):
         return "yes/no"
-    raise ValueError(f"not an easy-VQA answer: {answer!r}")
+    if answer in COUNTS:
+        return "count"
+    return "other"
 
 
 def load_vqa_dir(directory: str, prefix: str = "") -> list[VQAItem]:
-    """Items of a directory in easy-VQA's layout: `images/N.png` and `questions.json` rows `[q, a, N]`.
+    """Items of a directory in easy-VQA's layout: `images/N.png` and `questions.json`, a JSON list of
+    `[question, answer, N]` rows (N: the image file's number; any answer string).
 
     Images are decoded once and shared by all questions about them; order follows questions.json.
+    ValueError naming the file and the row for malformed JSON, a bad row or a missing / unreadable image.
     """
-    with open(os.path.join(directory, "questions.json")) as f:
-        rows = json.load(f)
+    path = os.path.join(directory, "questions.json")
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of [question, answer, image number] rows, got {type(rows).__name__}")
     images: dict[int, Image.Image] = {}
     items = []
-    for question, answer, image_id in rows:
+    for number, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
+                and isinstance(row[2], int) and not isinstance(row[2], bool)):
+            raise ValueError(f"{path}: row {number} must be [question, answer, image number], got {row!r}")
+        question, answer, image_id = row
+        if not question.strip():
+            raise ValueError(f"{path}: row {number} has an empty question")
         if image_id not in images:
-            with Image.open(os.path.join(directory, "images", f"{image_id}.png")) as im:
-                images[image_id] = im.convert("RGB")
+            image_path = os.path.join(directory, "images", f"{image_id}.png")
+            try:
+                with Image.open(image_path) as im:
+                    images[image_id] = im.convert("RGB")
+            except (OSError, SyntaxError) as error:
+                raise ValueError(f"{path}: row {number} needs {image_path}, which cannot be read ({error})") from error
         items.append(VQAItem(images[image_id], question, answer, question_type(answer), f"{prefix}{image_id}"))
     return items
 
@@ -85,7 +106,7 @@ def easyvqa(split: str) -> list[VQAItem]:
 
 # ----------------------------------------------------------------------------------------------------
 # Generated scenes
-_SPLIT_STREAM = {"train": 0, "test": 1}
+_SPLIT_STREAM = {"train": 0, "test": 1, "heldout": 2}
 _SIZE = 128
 _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges like easy-VQA's
 
@@ -151,11 +172,54 @@ def scenes(split: str, n: int, seed: int = 0) -> list[VQAItem]:
     Train and test use different random streams of the same seed, so they share no scene.
     """
     if split not in _SPLIT_STREAM:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ValueError(f"split must be one of {', '.join(map(repr, _SPLIT_STREAM))}, got {split!r}")
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
     items = []
     for k in range(n):
         image, objects = _scene(rng)
         for question, answer, qtype in _scene_questions(rng, objects):
             items.append(VQAItem(image, question, answer, qtype, f"scenes-{split}-{seed}-{k}"))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fresh easy-VQA-style images (held out: never part of easy-VQA, our training or our test splits)
+_EASY_SIZE = 64
+
+
+def _easyvqa_questions(rng: np.random.Generator, color: str, shape: str) -> list[tuple[str, str, str]]:
+    """One shape, one colour and two yes/no questions in easy-VQA's phrasings."""
+    rows = [
+        (str(rng.choice(["what shape is in the image?", "what shape is present?", f"what is the {color} shape?"])),
+         shape, "shape"),
+        (str(rng.choice(["what color is the shape?", "what is the color of the shape?", f"what color is the {shape}?"])),
+         color, "color"),
+    ]
+    for _ in range(2):
+        asks_shape = bool(rng.integers(2))
+        thing = str(rng.choice(SHAPES)) if asks_shape else str(rng.choice(list(COLORS)))
+        present = thing == (shape if asks_shape else color)
+        noun = f"a {thing}" if asks_shape else f"a {thing} shape"
+        negated = bool(rng.integers(2))
+        question = f"is there not {noun}?" if negated else str(rng.choice([f"is there {noun}?", f"does the image contain {noun}?"]))
+        rows.append((question, "yes" if present != negated else "no", "yes/no"))
+    return rows
+
+
+def fresh_easyvqa(n: int, seed: int = 0) -> list[VQAItem]:
+    """Questions (4 each) about `n` newly drawn 64x64 easy-VQA-style images: one shape of one of the 8
+    colours, of random size and place, on a random pale background. Deterministic in `seed`; its random
+    stream is separate from the scenes' train / test streams, and easy-VQA's own images are not used."""
+    rng = np.random.default_rng([seed, _SPLIT_STREAM["heldout"], 64])
+    items = []
+    for k in range(n):
+        color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+        background = tuple(int(v) for v in rng.integers(228, 256, size=3))
+        image = Image.new("RGB", (_EASY_SIZE * _SUPERSAMPLE,) * 2, background)
+        r = float(rng.uniform(5, 16))
+        cx, cy = (float(v) for v in rng.uniform(r, _EASY_SIZE - r, size=2))
+        _draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, COLORS[color])
+        image = image.resize((_EASY_SIZE, _EASY_SIZE), Image.Resampling.LANCZOS)
+        for question, answer, qtype in _easyvqa_questions(rng, color, shape):
+            items.append(VQAItem(image, question, answer, qtype, f"fresh-easyvqa-{seed}-{k}"))
     return items

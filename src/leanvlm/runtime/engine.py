@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -120,6 +121,10 @@ class AppliedMethod:
 
     def __init__(self, method: Method, model: nn.Module):
         self.adapter = get_adapter(model)
+        attention = getattr(self.adapter.text_config, "_attn_implementation", None)
+        if attention not in (None, "eager", "sdpa") and "flash" not in str(attention):
+            raise ValueError(f"leanvlm supports attn_implementation 'sdpa', 'eager' and flash attention, not {attention!r}; "
+                             "load the model with attn_implementation='sdpa'")
         if model in _ACTIVE:
             other = type(_ACTIVE[model].method).__name__
             raise ValueError(
@@ -262,10 +267,14 @@ class AppliedMethod:
         mask = kwargs.get("attention_mask")
         prompt_mask = mask if mask is not None and mask.dim() == 2 else None
         visual_inputs = self.adapter.visual_inputs(kwargs)
-        if phase is Phase.PREFILL and self.adapter.generate_inputs is not None and mask is not None and mask.dim() == 2 \
-                and not bool(mask[:, -1].all()):
+        right_padded = mask is not None and mask.dim() == 2 and not bool(mask[:, -1].all())
+        if phase is Phase.PREFILL and right_padded and self.adapter.generate_inputs is not None:
             raise ValueError("generate got a right-padded batch; pad on the left (tokenizer.padding_side = 'left'), "
                              "as decoder-only generation requires")
+        if phase is Phase.PREFILL and right_padded and (self.pre_stages or self.drop_stages):
+            warnings.warn("a right-padded batch under a leanvlm method: the output has one position per KEPT token "
+                          "(dropped tokens are removed), so positions counted on the input no longer apply; pad on "
+                          "the left and read logits[:, -1]", UserWarning, stacklevel=2)
         visual_in = shrunk = None
         items: list[VisualItem] = []
         reduced = False
@@ -281,7 +290,8 @@ class AppliedMethod:
         mask = kwargs.get("attention_mask")
         layout = TokenLayout.from_ids(kwargs["input_ids"], mask if mask is not None and mask.dim() == 2 else None,
                                       self.adapter.visual_token_ids,
-                                      self.adapter.protected_placeholders(kwargs, items if reduced else None))
+                                      self.adapter.protected_placeholders(kwargs, items if reduced else None),
+                                      video_ids=self.adapter.video_token_ids)
         if phase is Phase.PREFILL:
             self.session = Session(input_ids, prompt_mask, visual_inputs, layout.visual.shape[1], shrunk)
         return ForwardState(phase, self.session, layout=layout, visual_in=visual_in, visual_items=items), kwargs
