@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import leanvlm
 from leanvlm.cli import app
-from leanvlm.cli_common import CLIError, build_method, parse_opts
+from leanvlm.cli.common import CLIError, build_method, parse_opts
 from leanvlm.hub import build_inputs, load_media
 from tiny import batch_inputs, prompt_ids, tiny_llava
 from tiny_hf import save_tiny_vlm, save_tiny_vqa

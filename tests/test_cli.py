@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import leanvlm.cli as cli
 from leanvlm.cli import app
-from leanvlm.cli_common import CLIError, build_method, parse_opts, parse_ratios, parse_value, run_length
+from leanvlm.cli.common import CLIError, build_method, parse_opts, parse_ratios, parse_value, run_length
 from leanvlm.viz import figure_size
 from tiny_hf import save_tiny_vlm, save_tiny_vqa
 
@@ -206,7 +206,7 @@ def test_bench_missing_and_present(tmp_path, monkeypatch):
 def test_demo_flow_with_a_stand_in_model(tiny_dir, monkeypatch):
     """`leanvlm demo` end to end with the tiny model standing in for the bundled one (the real run is the
     integration test below)."""
-    from leanvlm.cli_common import LoadedModel
+    from leanvlm.cli.common import LoadedModel
     from leanvlm.hub import load
 
     handle = load(tiny_dir, None, device="cpu")
@@ -239,3 +239,24 @@ def test_eval_real_model_closed_answers(tmp_path):
     invoke("eval", "--dataset", "scenes", "--method", "aim", "--limit", "8", "--json", str(out))
     data = json.loads(out.read_text())
     assert data["n"] == 8 and data["mode"] == "closed" and data["visual_tokens"] == 64 and data["flops_ratio"] > 2
+
+
+def test_cli_start_up_imports_neither_torch_nor_transformers():
+    """`leanvlm --help` must be instant: the CLI module and `import leanvlm` leave torch and transformers
+    to the commands (and attributes) that need them."""
+    import subprocess
+    import sys
+
+    code = "import sys, leanvlm, leanvlm.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_python_dash_m_leanvlm_is_the_cli():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "leanvlm", "flops", "--preset", "llava-1.5-7b", "--image",
+                             "--method", "none", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ratio"] == 1.0

@@ -128,7 +128,7 @@ def test_pagerank_ranks_real_activations_without_underflow_ties(real_model, test
 def test_demo_answers_right_with_aim(real_model):
     """`make demo`'s bundled image and question: the plain model and AIM's default both answer right."""
     import leanvlm
-    from leanvlm.cli_show import demo_image
+    from leanvlm.cli.show import demo_image
 
     model, processor = real_model
     picture, question, _, expected = demo_image()

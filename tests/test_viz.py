@@ -121,7 +121,7 @@ def test_pareto_front():
 
 def test_pareto_front_agrees_with_the_sweep_table():
     """The plot circles exactly the rows `leanvlm sweep`'s markdown table marks "Pareto"."""
-    from leanvlm.cli_eval import pareto_front as table_front
+    from leanvlm.cli.eval import pareto_front as table_front
 
     rng = np.random.default_rng(0)
     rows = [{"flops_ratio": float(r), "accuracy": float(a)}

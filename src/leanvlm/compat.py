@@ -14,15 +14,19 @@ import inspect
 import re
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from transformers import Cache
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 
 def find_cache(args: tuple, kwargs: dict[str, Any]) -> Cache | None:
     """The KV cache a forward received (positional or keyword, whatever its name), or None."""
+    from transformers import Cache  # here, not at import: `import leanvlm` stays free of transformers
+
     for value in (*args, *kwargs.values()):
         if isinstance(value, Cache):
             return value
@@ -40,6 +44,8 @@ def without_cache_arguments(function: Callable[..., Any], values: dict[str, Any]
     For calling a model helper (e.g. Qwen2-VL's `compute_3d_position_ids`) on the whole prompt: its cache
     parameter, whatever the installed version names it, stays at its default (None = no past).
     """
+    from transformers import Cache
+
     names = inspect.signature(function).parameters
     return {name: value for name, value in values.items() if name in names and not isinstance(value, Cache)}
 

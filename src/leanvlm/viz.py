@@ -363,7 +363,7 @@ def reduction_figure(
 def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
     """The (flops_ratio, accuracy) points no other point dominates, i.e. the best accuracy reached at each
     FLOPs reduction or more. A point is dominated by another at least as large in both coordinates and
-    larger in one (the rule of the sweep table's "Pareto" column, `cli_eval.pareto_front`).
+    larger in one (the rule of the sweep table's "Pareto" column, `cli.eval.pareto_front`).
 
     points: (flops_ratio, accuracy) pairs, any order, repeats allowed. -> the front, each point once, by
     flops_ratio ascending (so accuracy strictly descending).

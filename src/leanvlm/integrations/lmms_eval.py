@@ -80,7 +80,7 @@ def manifests() -> list[Any]:
 def _coerce(value: Any) -> Any:
     """lmms-eval parses numbers and true/false already; also read None, fractions and [a,b] lists."""
     if isinstance(value, str):
-        from leanvlm.cli_common import parse_value
+        from leanvlm.cli.common import parse_value
 
         return parse_value(value)
     return value
@@ -146,7 +146,7 @@ class LeanvlmMixin:
 
     def leanvlm_summary(self) -> dict[str, Any]:
         """Means over every prompt so far: visual tokens in / into the LLM, analytic prefill TFLOPs, ratio."""
-        from leanvlm.cli_common import method_options_dict
+        from leanvlm.cli.common import method_options_dict
         from leanvlm.hub import summarize_samples
 
         method = self.leanvlm_method

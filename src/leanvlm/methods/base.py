@@ -1,11 +1,5 @@
-"""What a method is: a composition of stages, applied to one model instance at a time.
-
-- A `PreLLMStage` reduces the visual tokens of every image / video frame after the projector, so the LLM
-  input sequence is shorter from its first layer on.
-- An `LLMStage` drops tokens from the hidden-state sequence after given decoder layers. The runtime asks it
-  for a `Selection` (scores over the current tokens, which of them are candidates, how many candidates to
-  keep per sample); the shared runtime does the top-k, keeps original order, and removes the dropped
-  tokens from the hidden states, the positions, the attention mask and the later layers' KV cache.
+"""What a method is: a composition of stages (`runtime/stages.py`: `PreLLMStage` before the LLM,
+`LLMStage` inside it), applied to one model instance at a time.
 
 A method subclass only says which stages it is made of (`stages()`); `Compose` builds one from stages.
 """
@@ -16,18 +10,21 @@ import math
 import sys
 import types
 import typing
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+# The stage protocols live below the runtime (which runs them); re-exported here for method authors.
+from leanvlm.runtime.stages import LLMStage, PreLLMStage, Selection, check_layer
+
 if TYPE_CHECKING:
-    from leanvlm.runtime.context import LayerContext
     from leanvlm.runtime.engine import AppliedMethod
-    from leanvlm.runtime.visual import VisualItem
     from leanvlm.stats import ReductionStats
+
+__all__ = ["Compose", "LLMStage", "Method", "PreLLMStage", "Selection", "check_fraction", "check_layer",
+           "check_option_types", "keep_count"]
 
 
 def check_fraction(name: str, value: float, allow_zero: bool = False) -> float:
@@ -37,12 +34,6 @@ def check_fraction(name: str, value: float, allow_zero: bool = False) -> float:
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return float(value)
-
-
-def check_layer(name: str, layer: int, num_layers: int) -> None:
-    """Validate a 0-indexed decoder layer after which a stage drops tokens."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
-        raise ValueError(f"{name} must be a decoder layer index in [0, {num_layers - 1}] for this model, got {layer!r}")
 
 
 def _matches(value: Any, annotation: Any) -> bool | None:
@@ -95,52 +86,6 @@ def keep_count(fraction: float | torch.Tensor, available: torch.Tensor, at_least
     if at_least_one:
         count = torch.maximum(count, (available > 0).long())
     return torch.minimum(count, available)
-
-
-@dataclass
-class Selection:
-    """An in-LLM stage's decision at one layer.
-
-    scores [B, N] (higher = more important), candidates [B, N] bool (tokens that may be dropped; all
-    others are kept), keep [B] long (how many candidates to keep per sample).
-    """
-
-    scores: torch.Tensor
-    candidates: torch.Tensor
-    keep: torch.Tensor
-
-
-class LLMStage(ABC):
-    """Drops tokens after some decoder layers. Layers are 0-indexed: acting at layer l means layer l still
-    sees every token, its attention is what the stage scores with, and layers > l see only the kept ones."""
-
-    @abstractmethod
-    def layers(self, num_layers: int) -> list[int]:
-        """The decoder layers after which this stage drops tokens (validated against the model's depth)."""
-
-    @abstractmethod
-    def select(self, ctx: LayerContext) -> Selection:
-        """Score the current tokens at `ctx.layer` and say how many candidates to keep."""
-
-    def planned_keep(self, layer: int, num_layers: int, visual_into_llm: int, visual_now: int) -> int:
-        """Analytic visual-token count after `layer` of a `num_layers`-deep model (for FLOPs budgets), given
-        the count that entered the LLM and the count at this layer. Input-dependent stages estimate."""
-        return visual_now
-
-
-class PreLLMStage(ABC):
-    """Reduces the visual tokens of each image / video frame before the LLM."""
-
-    #: vision-tower signals this stage reads (e.g. {"cls_attention"}); the model adapter captures them.
-    needs: frozenset[str] = frozenset()
-
-    @abstractmethod
-    def reduce(self, item: VisualItem) -> VisualItem:
-        """Return the item with fewer tokens per frame (order kept, `origin` and `groups` updated)."""
-
-    def planned_tokens(self, tokens_per_frame: int) -> int:
-        """Analytic tokens per frame after this stage (estimate for input-dependent stages)."""
-        return tokens_per_frame
 
 
 @dataclass

@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from leanvlm.methods.base import LLMStage, check_layer
+from leanvlm.compat import cache_length, find_cache
 from leanvlm.models import get_adapter
 from leanvlm.ops.select import FILLER, gather_slots, pack_right, top_k_mask
 from leanvlm.runtime.context import LayerContext, TokenLayout
-from leanvlm.compat import cache_length, find_cache
 from leanvlm.runtime.masks import reduced_attention_mask
+from leanvlm.runtime.stages import LLMStage, check_layer
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 from leanvlm.stats import ReductionStats, build_stats, visual_depth
 
@@ -244,8 +244,8 @@ class AppliedMethod:
         if past_length != expected:
             raise ValueError(
                 f"the KV cache holds {past_length} tokens but leanvlm's prefill left {session.prompt_length} and "
-                f"{session.decoded} were decoded since ({expected}); a cache that was cropped, reordered in length or "
-                "reused across prompts cannot continue a reduced prefill: prefill again")
+                f"{session.decoded} were decoded since ({expected}); a cache that was cropped, extended outside leanvlm "
+                "or reused across prompts cannot continue a reduced prefill: prefill again")
         input_ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         new = input_ids.shape[1] if input_ids is not None else embeds.shape[1] if embeds is not None else None

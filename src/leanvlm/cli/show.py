@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from leanvlm.cli_common import CLIError, describe_method
+from leanvlm.cli.common import CLIError, describe_method
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -12,7 +12,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from leanvlm.cli_common import console
+from leanvlm.cli.common import console
 from leanvlm.compat import version_check
 
 #: Model families people ask about -> transformers class. Supported iff an adapter lists the class.

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from leanvlm.cli_common import CLIError, LoadedModel, describe_method, err_console, method_options_dict
+from leanvlm.cli.common import CLIError, LoadedModel, describe_method, err_console, method_options_dict
 from leanvlm.hub import StatsRecorder, build_inputs, summarize_samples
 from leanvlm.methods.base import Method
 

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from leanvlm.cli_common import (
+from leanvlm.cli.common import (
     CLIError,
     build_method,
     check_at_least,
@@ -38,12 +38,11 @@ from leanvlm.cli_common import (
     parse_ratios,
     run_length,
 )
-from leanvlm.methods.registry import METHODS, has_budget_mapping, make_method
 
 app = typer.Typer(
     name="leanvlm",
     help="Fewer visual tokens for multimodal LLMs: merge before the LLM, prune inside it.\n\n"
-         f"Methods: {', '.join(METHODS)} (see `leanvlm doctor`).",
+         "Methods: `leanvlm doctor` lists them (aim, itp, fastv, visionzip, ...).",
     rich_markup_mode="rich",
     no_args_is_help=True,
     add_completion=False,
@@ -241,7 +240,7 @@ def eval_command(
     Prints accuracy, mean visual tokens into the LLM, mean analytic LLM prefill FLOPs and the ratio full /
     method; --json FILE writes them as one object (accuracy, n, flops_ratio, visual_tokens, ...).
     """
-    from leanvlm.cli_eval import evaluate, load_items
+    from leanvlm.cli.eval import evaluate, load_items
 
     check_at_least("--limit", limit)
     check_at_least("--batch-size", batch_size)
@@ -295,7 +294,7 @@ def sweep(
     the target for this dataset's prompt shape; the table reports the measured ratio. Files:
     OUT/sweep-DATASET.md, .json and .png (accuracy vs FLOPs reduction).
     """
-    from leanvlm.cli_eval import (
+    from leanvlm.cli.eval import (
         analytic_ratio,
         evaluate,
         load_items,
@@ -310,6 +309,8 @@ def sweep(
     check_at_least("--batch-size", batch_size)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {str(out)!r} is a file; give a directory")
+    from leanvlm.methods.registry import has_budget_mapping, make_method
+
     names = [m.strip() for m in methods.split(",")] if methods else method_names()
     unknown = [n for n in names if n.lower() not in method_names()]
     if unknown:
@@ -512,7 +513,7 @@ def show(
     Every patch of every image / frame: kept, merged (colour = merge group) or dropped before the LLM,
     and the tokens each LLM decoder layer computed on.
     """
-    from leanvlm.cli_show import render_show
+    from leanvlm.cli.show import render_show
     from leanvlm.hub import load_media
 
     check_question(question)
@@ -542,7 +543,7 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="Print one JSON o
     model's wheels, supported model families, methods, the lmms-eval plugin. Exit code 1 when torch or
     transformers is outside the tested range.
     """
-    from leanvlm.cli_doctor import collect, render
+    from leanvlm.cli.doctor import collect, render
 
     report = collect()
     if json_out:
@@ -567,7 +568,7 @@ def demo(
 
     Prints both answers, the visual tokens kept (in -> into the LLM, per layer) and the prefill FLOPs saved.
     """
-    from leanvlm.cli_show import demo_image
+    from leanvlm.cli.show import demo_image
     from leanvlm.hub import load_media
 
     chosen = build_method("aim", opt)

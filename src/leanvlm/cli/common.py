@@ -8,12 +8,13 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
-from leanvlm.methods.base import Method
+if TYPE_CHECKING:
+    from leanvlm.methods.base import Method
 
 console = Console()
 err_console = Console(stderr=True)
