@@ -184,3 +184,13 @@ def test_ranking_uses_the_fast_scores_when_they_are_safe():
     assert bool((fast[valid] >= SAFE_MIN_SCORE).all())
     ranked = ranking_importance(queries, keys, pos, pos, valid, valid, SCALE, tau=1.0)
     assert torch.equal(ranked, fast)
+
+
+def test_ranking_falls_back_to_the_log_domain_where_float64_underflows_too():
+    queries, keys, pos, valid = sharp_inputs(seed=0, magnitude=6.0)
+    wide = pagerank_importance(queries, keys, pos, pos, valid, SCALE, dtype=torch.float64)
+    assert bool((wide[valid] == 0).any()), "float64 did not underflow: the test would prove nothing"
+    ranked = ranking_importance(queries, keys, pos, pos, valid, valid, SCALE)
+    exact = pagerank_log_importance(queries, keys, pos, pos, valid, SCALE)
+    torch.testing.assert_close(ranked, exact)
+    assert bool(torch.isfinite(ranked[valid]).all())

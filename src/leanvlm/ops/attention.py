@@ -30,8 +30,9 @@ def attention_probability_chunks(
     chunk_size: int = 512,
     trim_columns: bool = False,
     log: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (start, probs) for consecutive query chunks; probs is float32 [B, H, chunk, Nk].
+    """Yield (start, probs) for consecutive query chunks; probs is [B, H, chunk, Nk] in `dtype` (float32).
 
     log: yield log-probabilities instead (log_softmax: finite wherever the mask allows, -inf elsewhere;
     a row with no allowed key is all -inf).
@@ -46,14 +47,14 @@ def attention_probability_chunks(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    keys = expand_kv_heads(keys, queries.shape[1]).float()
+    keys = expand_kv_heads(keys, queries.shape[1]).to(dtype)
     for start in range(0, queries.shape[2], chunk_size):
         stop = min(start + chunk_size, queries.shape[2])
         allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= query_pos[:, start:stop, None])  # [B, c, Nk]
         if trim_columns:
             columns = allowed.any(dim=1).any(dim=0).nonzero()
             allowed = allowed[:, :, : int(columns.max()) + 1 if len(columns) else 1]
-        q = queries[:, :, start:stop].float() * scale  # scaling [c, d] is cheaper than scaling [c, Nk]
+        q = queries[:, :, start:stop].to(dtype) * scale  # scaling [c, d] is cheaper than scaling [c, Nk]
         width = allowed.shape[2]
         # 3-D bmm over (batch x heads): the 4-D matmul of a transposed key slice is ~3x slower on CPU
         logits = torch.bmm(q.flatten(0, 1), keys[:, :, :width].flatten(0, 1).transpose(1, 2))

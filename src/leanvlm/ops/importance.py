@@ -10,7 +10,7 @@ Two options:
   0.0, up to 34%), and a top-k over those ties keeps whichever tokens come first. In the log domain no
   score underflows, so tokens rank as exact arithmetic would (up to float32 rounding of the logs).
   `ranking_importance` returns the fast float32 scores when they are safely above the underflow range
-  and distinct, and the log-domain scores otherwise.
+  and distinct, else float64 ones under the same test, and the log-domain scores only when both fail.
 - The cheaper text option (attention from the question's tokens only, head-averaged and averaged over
   those queries) is exactly `leanvlm.ops.attention.received_attention`, called with the question rows'
   queries and positions as the queries and every token as the keys (no tau, the model's own scale).
@@ -39,8 +39,10 @@ def pagerank_importance(
     iterations: int = 5,
     chunk_size: int = 256,
     max_matrix_bytes: int = 256 * 2**20,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """AIM's multi-modal importance of every token -> float32 [B, N].
+    """AIM's multi-modal importance of every token -> [B, N] in `dtype` (float32; float64 underflows only
+    for logit gaps ~8x wider, at about twice the time).
 
     queries [B, H, N, d] and keys [B, Hkv, N, d] are the layer's post-RoPE projections of the SAME N
     tokens (grouped key heads are expanded); query_pos, key_pos [B, N]; key_valid [B, N] bool marks
@@ -67,24 +69,24 @@ def pagerank_importance(
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
 
-    keys = expand_kv_heads(keys, num_heads).float()  # expanded once; each build below reuses it
-    valid = key_valid.float()
+    keys = expand_kv_heads(keys, num_heads).to(dtype)  # expanded once; each build below reuses it
+    valid = key_valid.to(dtype)
     p = (valid / valid.sum(dim=1, keepdim=True).clamp(min=1))[:, None, :].expand(-1, num_heads, -1)
 
     def build():
         # chunks only as wide as their last attendable key: about the lower half of M for causal positions
         return attention_probability_chunks(queries, keys, query_pos, key_pos, key_valid, scale / tau, chunk_size,
-                                            trim_columns=True)
+                                            trim_columns=True, dtype=dtype)
 
     def propagate(p: torch.Tensor, chunks) -> torch.Tensor:
         """p [B, H, N] -> p @ M, accumulated chunk by chunk (probs [B, H, c, w])."""
-        nxt = torch.zeros(batch, num_heads, num_tokens, dtype=torch.float32, device=queries.device)
+        nxt = torch.zeros(batch, num_heads, num_tokens, dtype=dtype, device=queries.device)
         for start, probs in chunks:
             rows = p[:, :, None, start : start + probs.shape[2]]  # [B, H, 1, c]
             nxt[:, :, : probs.shape[3]] += torch.bmm(rows.flatten(0, 1), probs.flatten(0, 1)).view(batch, num_heads, -1)
         return nxt
 
-    if batch * num_heads * num_tokens * num_tokens * 4 <= max_matrix_bytes:
+    if batch * num_heads * num_tokens * num_tokens * torch.finfo(dtype).bits // 8 <= max_matrix_bytes:
         stored = list(build())
         for _ in range(iterations):
             p = propagate(p, stored)
@@ -97,6 +99,7 @@ def pagerank_importance(
 #: Scores below this are near float32's underflow range (2^-126 normal, 2^-149 subnormal): some of their
 #: contributions may have been flushed to zero, so their ranking is not trusted.
 SAFE_MIN_SCORE = 2.0**-100
+SAFE_MIN_SCORE_FLOAT64 = 2.0**-1000  # the same margin below float64's 2^-1022
 
 
 def pagerank_log_importance(
@@ -171,16 +174,22 @@ def ranking_importance(
     """PageRank importance to rank `candidates` [B, N] bool by -> float32 [B, N], higher = keep.
 
     The float32 `pagerank_importance` when every candidate scores >= SAFE_MIN_SCORE and no two candidates
-    of a row tie; otherwise its log (`pagerank_log_importance`), which neither underflows nor ties by
-    underflow. Either way the order equals the exact one up to float32 rounding. Options: tau,
-    iterations, chunk_size, max_matrix_bytes.
+    of a row tie; else the log of the float64 one under the same test (about 2x float32's time); else
+    `pagerank_log_importance` (about 4x), which neither underflows nor ties by underflow. Either way the
+    order equals the exact one up to rounding. Options: tau, iterations, chunk_size, max_matrix_bytes.
     """
-    scores = pagerank_importance(queries, keys, query_pos, key_pos, key_valid, scale, **options)
-    ranked = torch.where(candidates, scores, float("nan"))
-    low = bool((candidates & (scores < SAFE_MIN_SCORE)).any())
-    if not low:
-        ordered = ranked.sort(dim=1).values  # NaNs (non-candidates) sort last
-        low = bool(((ordered[:, 1:] == ordered[:, :-1])).any())
-    if not low:
-        return scores
+    for dtype, safe_min in ((torch.float32, SAFE_MIN_SCORE), (torch.float64, SAFE_MIN_SCORE_FLOAT64)):
+        scores = pagerank_importance(queries, keys, query_pos, key_pos, key_valid, scale, dtype=dtype, **options)
+        if _distinct_and_safe(scores, candidates, safe_min):
+            # float64 scores are ranked in float32 as their log: finite and as distinct as the ranking needs
+            return scores if dtype == torch.float32 else scores.log().float()
     return pagerank_log_importance(queries, keys, query_pos, key_pos, key_valid, scale, **options)
+
+
+def _distinct_and_safe(scores: torch.Tensor, candidates: torch.Tensor, safe_min: float) -> bool:
+    """No candidate near the underflow range and no two candidates of a row tied (after a float32 cast)."""
+    if bool((candidates & (scores < safe_min)).any()):
+        return False
+    ranked = torch.where(candidates, scores.log().float() if scores.dtype == torch.float64 else scores, float("nan"))
+    ordered = ranked.sort(dim=1).values  # NaNs (non-candidates) sort last and never compare equal
+    return not bool((ordered[:, 1:] == ordered[:, :-1]).any())
