@@ -28,6 +28,19 @@ import torch
 from leanvlm.ops.attention import attention_probability_chunks, expand_kv_heads
 
 
+def _check_arguments(queries: torch.Tensor, keys: torch.Tensor, tau: float, iterations: int) -> None:
+    batch, num_heads, num_tokens, _ = queries.shape
+    if keys.shape[0] != batch or keys.shape[2] != num_tokens or num_heads % keys.shape[1]:
+        raise ValueError(
+            f"queries [B, H, N, d] and keys [B, Hkv, N, d] must share B and N with H divisible by Hkv, "
+            f"got {tuple(queries.shape)} and {tuple(keys.shape)}"
+        )
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+
+
 def pagerank_importance(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -59,15 +72,7 @@ def pagerank_importance(
     chunk, so the peak extra memory is O(B * H * chunk_size * N) at `iterations` times the compute.
     """
     batch, num_heads, num_tokens, _ = queries.shape
-    if keys.shape[0] != batch or keys.shape[2] != num_tokens or num_heads % keys.shape[1]:
-        raise ValueError(
-            f"queries [B, H, N, d] and keys [B, Hkv, N, d] must share B and N with H divisible by Hkv, "
-            f"got {tuple(queries.shape)} and {tuple(keys.shape)}"
-        )
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    _check_arguments(queries, keys, tau, iterations)
 
     keys = expand_kv_heads(keys, num_heads).to(dtype)  # expanded once; each build below reuses it
     valid = key_valid.to(dtype)
@@ -123,15 +128,7 @@ def pagerank_log_importance(
     scores underflow (see `ranking_importance`).
     """
     batch, num_heads, num_tokens, _ = queries.shape
-    if keys.shape[0] != batch or keys.shape[2] != num_tokens or num_heads % keys.shape[1]:
-        raise ValueError(
-            f"queries [B, H, N, d] and keys [B, Hkv, N, d] must share B and N with H divisible by Hkv, "
-            f"got {tuple(queries.shape)} and {tuple(keys.shape)}"
-        )
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    _check_arguments(queries, keys, tau, iterations)
     keys = expand_kv_heads(keys, num_heads).float()
     count = key_valid.sum(dim=1, keepdim=True).clamp(min=1).float()
     log_p = torch.where(key_valid, -count.log(), float("-inf"))[:, None, :].expand(-1, num_heads, -1).contiguous()
