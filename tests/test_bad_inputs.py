@@ -117,10 +117,18 @@ def _model():
     return tiny_llava(layers=4)
 
 
+def _mutated(method, **options):
+    for name, value in options.items():
+        setattr(method, name, value)
+    return method
+
+
 API_CASES = [
-    ("aim-prune-string", lambda: leanvlm.AIM(prune="false").apply(_model()), ValueError, "prune must be bool, got 'false'"),
-    ("aim-l1-float", lambda: leanvlm.AIM(l1=1.5, l2=3).apply(_model()), ValueError, "l1 must be int | None, got 1.5"),
-    ("itp-prune-text-string", lambda: leanvlm.ITP(prune_text="no").apply(_model()), ValueError, "prune_text must be bool"),
+    ("aim-prune-string", lambda: leanvlm.AIM(prune="false"), ValueError, "prune must be bool, got 'false'"),
+    ("aim-l1-float", lambda: leanvlm.AIM(l1=1.5, l2=3), ValueError, "l1 must be int | None, got 1.5"),
+    ("itp-prune-text-string", lambda: leanvlm.ITP(prune_text="no"), ValueError, "prune_text must be bool"),
+    ("option-changed-after-construction", lambda: _mutated(leanvlm.AIM(), prune="no").apply(_model()), ValueError,
+     "prune must be bool, got 'no'"),
     ("compose-method-as-stage", lambda: leanvlm.Compose(pre=[leanvlm.FastV()]), ValueError, "a Method is not a stage"),
     ("compose-stage-not-list", lambda: leanvlm.Compose(llm=leanvlm.FastV().stages()[1][0]), ValueError, "takes a list"),
     ("media-zero-array", lambda: load_media(np.zeros((0, 0, 3))), ValueError, "shape (0, 0, 3)"),

@@ -102,6 +102,24 @@ class Method:
 
     stats: ReductionStats | None = field(default=None, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        check_option_types(self)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every method checks its option types at construction, after its own `__post_init__` (whose
+        messages name the allowed values), so e.g. `AIM(prune="false")` fails at once with the option's name."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "checks_option_types", False):
+            return
+
+        def __post_init__(self: Method) -> None:
+            own(self)
+            check_option_types(self)
+
+        __post_init__.checks_option_types = True  # type: ignore[attr-defined]
+        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
+
     def stages(self) -> tuple[Sequence[PreLLMStage], Sequence[LLMStage]]:
         """(pre-LLM stages, in-LLM stages), run in that order."""
         raise NotImplementedError(f"{type(self).__name__} must define stages()")
