@@ -382,7 +382,7 @@ def _find_bench_script() -> Path | None:
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, epilog=_examples(
     "leanvlm bench", "leanvlm bench -- --help"))
-@_reflow
+@_guard
 def bench(ctx: typer.Context) -> None:
     """Run the speed benchmark (benchmarks/bench_speed.py's main); extra arguments are passed through."""
     script = _find_bench_script()
@@ -535,7 +535,7 @@ def show(
 
 # ----------------------------------------------------------------------------------------------- doctor
 @app.command(epilog=_examples("leanvlm doctor", "leanvlm doctor --json"))
-@_reflow
+@_guard
 def doctor(json_out: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Check the environment and say what is unsupported.
 
