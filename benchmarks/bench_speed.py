@@ -34,6 +34,7 @@ import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
 import leanvlm
+from leanvlm.compat import cache_keyword, cache_of
 from leanvlm.methods.registry import make_method
 
 IMAGE_TOKEN, VIDEO_TOKEN = 151646, 151647
@@ -137,11 +138,11 @@ def kv_cache_bytes(cache) -> int:
 @torch.no_grad()
 def greedy_decode_seconds(model, prefill_output, new_tokens: int) -> float:
     """Seconds for `new_tokens` cached greedy steps continuing a prefill (batch of one, no padding)."""
-    cache, token = prefill_output.past_key_values, prefill_output.logits[:, -1:].argmax(-1)
+    cache, token = cache_of(prefill_output), prefill_output.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        step = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        step = model(input_ids=token, use_cache=True, **{cache_keyword(model.forward): cache})
+        cache, token = cache_of(step), step.logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
 
 
@@ -180,7 +181,7 @@ def measure(model, workload: Workload, name: str, method, repeats: int, new_toke
                 elapsed = time.perf_counter() - start
             if run:
                 times.append(elapsed)
-        cache_bytes = kv_cache_bytes(out.past_key_values)
+        cache_bytes = kv_cache_bytes(cache_of(out))
         stats = method.stats if method is not None else None
         decode_seconds = greedy_decode_seconds(model, out, new_tokens)
         del out

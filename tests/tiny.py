@@ -66,21 +66,16 @@ def select(inputs: dict[str, torch.Tensor], row: int, images_per_prompt: int = 1
     }
 
 
-def with_cache(model, cache) -> dict:
-    """{name: cache} for `model`'s forward, under the cache parameter the installed transformers names
-    (5.24: `cache`, earlier: `past_key_values`), found by its `Cache` annotation."""
-    import inspect
 
-    for name, parameter in inspect.signature(model.forward).parameters.items():
-        if "Cache" in str(parameter.annotation):
-            return {name: cache}
-    raise AssertionError(f"{type(model).__name__}.forward has no parameter annotated as a Cache")
+def with_cache(model, cache) -> dict:
+    """{name: cache} for `model`'s forward, under the cache parameter the installed transformers names."""
+    from leanvlm.compat import cache_keyword
+
+    return {cache_keyword(model.forward): cache}
 
 
 def cache_of(output):
     """The transformers Cache instance a forward returned (whatever the output field is named)."""
-    from transformers import Cache
+    from leanvlm.compat import cache_of as returned_cache
 
-    caches = [value for value in output.values() if isinstance(value, Cache)]
-    assert len(caches) == 1, f"the forward returned {len(caches)} caches"
-    return caches[0]
+    return returned_cache(output)

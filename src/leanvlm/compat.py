@@ -33,6 +33,25 @@ def find_cache(args: tuple, kwargs: dict[str, Any]) -> Cache | None:
     return None
 
 
+def cache_of(output: Any) -> Cache:
+    """The Cache instance a model forward returned (`output.cache` in 5.24, `.past_key_values` before)."""
+    from transformers import Cache
+
+    caches = [value for value in output.values() if isinstance(value, Cache)]
+    if len(caches) != 1:
+        raise ValueError(f"expected one transformers.Cache in the model output, found {len(caches)}")
+    return caches[0]
+
+
+def cache_keyword(function: Callable[..., Any]) -> str:
+    """The name under which `function` (e.g. a model's forward) takes the KV cache: its parameter
+    annotated as a Cache (5.24: `cache`, earlier: `past_key_values`)."""
+    for name, parameter in inspect.signature(function).parameters.items():
+        if "Cache" in str(parameter.annotation):
+            return name
+    raise ValueError(f"{getattr(function, '__qualname__', function)} has no parameter annotated as a Cache")
+
+
 def cache_length(cache: Cache | None) -> int:
     """Tokens already in the cache's first layer (0 for no cache): the model's own notion of the past."""
     return 0 if cache is None else int(cache.get_seq_length())
