@@ -6,6 +6,8 @@ import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config,
                           SiglipVisionConfig)
 
+from leanvlm.compat import cache_keyword, cache_of  # noqa: F401 - cache_of is re-exported for the tests
+
 IMAGE_TOKEN = 120
 VOCAB = 128
 PAD = 0
@@ -69,13 +71,4 @@ def select(inputs: dict[str, torch.Tensor], row: int, images_per_prompt: int = 1
 
 def with_cache(model, cache) -> dict:
     """{name: cache} for `model`'s forward, under the cache parameter the installed transformers names."""
-    from leanvlm.compat import cache_keyword
-
     return {cache_keyword(model.forward): cache}
-
-
-def cache_of(output):
-    """The transformers Cache instance a forward returned (whatever the output field is named)."""
-    from leanvlm.compat import cache_of as returned_cache
-
-    return returned_cache(output)
