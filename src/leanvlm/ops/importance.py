@@ -41,6 +41,15 @@ def _check_arguments(queries: torch.Tensor, keys: torch.Tensor, tau: float, iter
         raise ValueError(f"iterations must be >= 0, got {iterations}")
 
 
+def _iterate(state: torch.Tensor, propagate, build, iterations: int, store: bool) -> torch.Tensor:
+    """`iterations` times state <- propagate(state, chunks of M): the chunks are built once and reused when
+    `store` (M fits in memory), else rebuilt for every iteration (peak memory O(chunk * N) per head)."""
+    stored = list(build()) if store else None
+    for _ in range(iterations):
+        state = propagate(state, stored if store else build())
+    return state
+
+
 def pagerank_importance(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -91,13 +100,8 @@ def pagerank_importance(
             nxt[:, :, : probs.shape[3]] += torch.bmm(rows.flatten(0, 1), probs.flatten(0, 1)).view(batch, num_heads, -1)
         return nxt
 
-    if batch * num_heads * num_tokens * num_tokens * torch.finfo(dtype).bits // 8 <= max_matrix_bytes:
-        stored = list(build())
-        for _ in range(iterations):
-            p = propagate(p, stored)
-    else:
-        for _ in range(iterations):
-            p = propagate(p, build())
+    matrix_bytes = batch * num_heads * num_tokens * num_tokens * torch.finfo(dtype).bits // 8
+    p = _iterate(p, propagate, build, iterations, matrix_bytes <= max_matrix_bytes)
     return p.pow(2).mean(dim=1).sqrt()
 
 
@@ -134,9 +138,8 @@ def pagerank_log_importance(
     log_p = torch.where(key_valid, -count.log(), float("-inf"))[:, None, :].expand(-1, num_heads, -1).contiguous()
 
     def build():
-        for start, probs in attention_probability_chunks(queries, keys, query_pos, key_pos, key_valid, scale / tau,
-                                                         chunk_size, trim_columns=True, log=True):
-            yield start, probs
+        return attention_probability_chunks(queries, keys, query_pos, key_pos, key_valid, scale / tau, chunk_size,
+                                            trim_columns=True, log=True)
 
     def propagate(log_p: torch.Tensor, chunks) -> torch.Tensor:
         """log p [B, H, N] -> log(p @ M), a logsumexp over the rows of every chunk (log M [B, H, c, w])."""
@@ -147,13 +150,8 @@ def pagerank_log_importance(
             nxt[:, :, :width] = torch.logaddexp(nxt[:, :, :width], torch.logsumexp(terms, dim=2))
         return nxt
 
-    if batch * num_heads * num_tokens * num_tokens * 4 <= max_matrix_bytes:
-        stored = list(build())
-        for _ in range(iterations):
-            log_p = propagate(log_p, stored)
-    else:
-        for _ in range(iterations):
-            log_p = propagate(log_p, build())
+    matrix_bytes = batch * num_heads * num_tokens * num_tokens * 4
+    log_p = _iterate(log_p, propagate, build, iterations, matrix_bytes <= max_matrix_bytes)
     rms = (torch.logsumexp(2 * log_p, dim=1) - math.log(num_heads)) / 2
     return torch.where(key_valid, rms, float("-inf"))
 
@@ -177,16 +175,16 @@ def ranking_importance(
     """
     for dtype, safe_min in ((torch.float32, SAFE_MIN_SCORE), (torch.float64, SAFE_MIN_SCORE_FLOAT64)):
         scores = pagerank_importance(queries, keys, query_pos, key_pos, key_valid, scale, dtype=dtype, **options)
-        if _distinct_and_safe(scores, candidates, safe_min):
-            # float64 scores are ranked in float32 as their log: finite and as distinct as the ranking needs
-            return scores if dtype == torch.float32 else scores.log().float()
+        if bool((candidates & (scores < safe_min)).any()):
+            continue  # near underflow: some contributions may be lost
+        # float64 scores are ranked in float32 as their log: finite and as distinct as the ranking needs
+        ranked = scores if dtype == torch.float32 else scores.log().float()
+        if not _ties(ranked, candidates):
+            return ranked
     return pagerank_log_importance(queries, keys, query_pos, key_pos, key_valid, scale, **options)
 
 
-def _distinct_and_safe(scores: torch.Tensor, candidates: torch.Tensor, safe_min: float) -> bool:
-    """No candidate near the underflow range and no two candidates of a row tied (after a float32 cast)."""
-    if bool((candidates & (scores < safe_min)).any()):
-        return False
-    ranked = torch.where(candidates, scores.log().float() if scores.dtype == torch.float64 else scores, float("nan"))
-    ordered = ranked.sort(dim=1).values  # NaNs (non-candidates) sort last and never compare equal
-    return not bool((ordered[:, 1:] == ordered[:, :-1]).any())
+def _ties(scores: torch.Tensor, candidates: torch.Tensor) -> bool:
+    """Whether two candidates [B, N] of a row have equal scores [B, N]."""
+    ordered = torch.where(candidates, scores, float("nan")).sort(dim=1).values  # NaNs sort last, never equal
+    return bool((ordered[:, 1:] == ordered[:, :-1]).any())
