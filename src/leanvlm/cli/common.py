@@ -240,30 +240,40 @@ class LoadedModel:
     bundled: bool
 
 
-def load_model(model: str | None, device: str | None = None, dtype: str = "auto") -> LoadedModel:
-    """The bundled real model (model None or "bundled") or any supported `from_pretrained` id / directory."""
+BUNDLED_NAMES = (None, "", "bundled", "real")
+BUNDLED_VIDEO_NAMES = ("bundled-video", "video")
+
+
+def load_model(model: str | None, device: str | None = None, dtype: str = "auto", video: bool = False) -> LoadedModel:
+    """The bundled real model (model None or "bundled"), the bundled video model ("bundled-video", or None
+    with `video=True`: the media is a video) or any supported `from_pretrained` id / directory."""
     import torch
     from transformers.utils import logging as hf_logging
 
     check_dtype(dtype)
     check_device(device)
     hf_logging.disable_progress_bar()  # the CLI shows its own status; keep --json output clean
-    if model in (None, "", "bundled", "real"):
+    if model in BUNDLED_NAMES or model in BUNDLED_VIDEO_NAMES:
         from leanvlm.real_model.locate import MissingWheelError
 
+        as_video = model in BUNDLED_VIDEO_NAMES or (model is None and video)
         try:
             from leanvlm.real_model import load_real_model
+            from leanvlm.real_model.video_model import load_real_video_model
         except ImportError as error:
             raise CLIError(f"the bundled real model is not available ({error}); pass --model PATH_OR_HUB_ID") from error
-        with err_console.status("loading the bundled real model (first run converts it: ~30 s)", spinner="dots"):
+        which = "video model" if as_video else "real model"
+        with err_console.status(f"loading the bundled {which} (first run converts it: ~30 s)", spinner="dots"):
             try:
                 kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
-                net, processor = load_real_model(progress=False, **kwargs)
+                net, processor = (load_real_video_model if as_video else load_real_model)(progress=False, **kwargs)
             except MissingWheelError as error:
                 raise CLIError(str(error)) from error
         if device:
             net = net.to(device)
-        return LoadedModel(net, processor, "bundled real model (DINOv2-S + SmolLM2-135M, LLaVA)", True)
+        name = ("bundled video model (DINOv2-S + SmolLM2-135M, LLaVA-OneVision)" if as_video
+                else "bundled real model (DINOv2-S + SmolLM2-135M, LLaVA)")
+        return LoadedModel(net, processor, name, True)
     from leanvlm.hub import load
 
     with err_console.status(f"loading {model}", spinner="dots"):

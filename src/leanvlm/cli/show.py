@@ -104,6 +104,17 @@ def frame_depths(stats: Any, groups: list[np.ndarray], num_layers: int) -> list[
     return out
 
 
+def demo_clip() -> tuple[list[Image.Image], str, str, str]:
+    """(frames, question, where it came from, expected answer) for `leanvlm demo --video`: the clip of
+    real_model/assets/demo_clip.json ({"video", "question", "answer", "source"})."""
+    from leanvlm import real_model
+    from leanvlm.hub import load_video
+
+    assets = Path(real_model.__file__).parent / "assets"
+    data = json.loads((assets / "demo_clip.json").read_text())
+    return load_video(assets / data["video"]), data["question"], data["source"], data["answer"]
+
+
 def demo_image() -> tuple[Image.Image, str, str, str | None]:
     """(image, question, where it came from, expected answer or None) for `leanvlm demo`: real_model/assets/
     demo.json ({"image", "question", "answer", "source"}) if present, else the first image there (asking what

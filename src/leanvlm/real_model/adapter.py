@@ -4,7 +4,8 @@ Shipped as `weights/adapter.safetensors` (float16) with `weights/recipe.json` (w
 projector reads, LoRA rank/alpha/targets). At load time the LoRA factors are merged into the frozen
 SmolLM2 weights, W <- W + (alpha / r) * B @ A, so the returned model is a plain stock Llava model.
 Tensor names: `projector.<name>` for `model.model.multi_modal_projector.<name>` and
-`lora.<module path>.A` [r, in] / `lora.<module path>.B` [out, r] for each adapted nn.Linear.
+`lora.<module path>.A` [r, in] / `lora.<module path>.B` [out, r] for each adapted nn.Linear, and
+`image_newline` [hidden] for the OneVision video model.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def add_lora(model: LlavaForConditionalGeneration, r: int, alpha: float, targets
 def adapter_state(model: LlavaForConditionalGeneration, loras: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
     """float16 tensors to ship: projector weights and LoRA factors (see the module docstring for names)."""
     state = {f"projector.{k}": v.detach().half().contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    if hasattr(model.model, "image_newline"):  # OneVision-style models (the video model) train it too
+        state["image_newline"] = model.model.image_newline.detach().half().contiguous()
     for path, lora in loras.items():
         state[f"lora.{path}.A"] = lora.A.detach().half().contiguous()
         state[f"lora.{path}.B"] = lora.B.detach().half().contiguous()
@@ -90,6 +93,9 @@ def apply_adapter(model: LlavaForConditionalGeneration, directory: str = WEIGHTS
     recipe = load_recipe(directory)
     projector, factors = read_adapter(directory)
     model.model.multi_modal_projector.load_state_dict(projector)
+    newline = load_file(os.path.join(directory, "adapter.safetensors")).get("image_newline")
+    if newline is not None:
+        model.model.image_newline.copy_(newline.to(model.model.image_newline.dtype))
     scale = recipe["lora_alpha"] / recipe["lora_r"]
     language_model = model.model.language_model
     for path, (a, b) in factors.items():

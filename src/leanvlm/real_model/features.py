@@ -60,3 +60,47 @@ def load_features(directory: str, name: str) -> tuple[np.ndarray, dict[str, int]
     with open(os.path.join(directory, f"{name}.json")) as f:
         keys = json.load(f)
     return np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r"), {k: i for i, k in enumerate(keys)}
+
+
+# Hidden states the video model's projector reads (its vision_feature_layer [-9, -1] of 13).
+CLIP_LAYERS = (4, 12)
+
+
+@torch.no_grad()
+def cache_clip_features(vision: Dinov2Model, items: list, directory: str, name: str, batch_clips: int = 4,
+                        bf16: bool = False) -> None:
+    """Store the per-frame patch features of the distinct clips of `items` (ClipItem; skips if complete):
+    `<dir>/<name>.npy` float16 [N_clips, frames, 256, 384 * len(CLIP_LAYERS)] (the layers concatenated along
+    channels, as the model does) and `<dir>/<name>.json`: the clip keys. `bf16`: run the tower under
+    bfloat16 autocast (~3x faster on CPUs with AMX; features within ~1% of float32)."""
+    os.makedirs(directory, exist_ok=True)
+    path, index_path = os.path.join(directory, f"{name}.npy"), os.path.join(directory, f"{name}.json")
+    if os.path.exists(index_path):
+        return
+    seen: dict[str, tuple] = {}
+    for item in items:
+        seen.setdefault(item.clip_key, item.frames)
+    keys, videos = list(seen), list(seen.values())
+    processor = make_image_processor()
+    out = np.lib.format.open_memmap(
+        path + ".tmp", mode="w+", dtype=np.float16,
+        shape=(len(keys), len(videos[0]), NUM_IMAGE_TOKENS, vision.config.hidden_size * len(CLIP_LAYERS)),
+    )
+    for start in tqdm(range(0, len(keys), batch_clips), desc=f"DINOv2 clip features {name}"):
+        chunk = videos[start:start + batch_clips]
+        frames = [f for clip in chunk for f in clip]
+        # a clip repeats frames (nothing moves while the mover is out of view): run the tower once per
+        # distinct frame
+        distinct: dict[bytes, int] = {}
+        slot = [distinct.setdefault(f.tobytes(), len(distinct)) for f in frames]
+        unique = [frames[slot.index(s)] for s in range(len(distinct))]
+        pixels = processor(unique, return_tensors="pt").pixel_values
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = vision(pixels, output_hidden_states=True).hidden_states
+        feats = torch.cat([hidden[l][:, 1:].float() for l in CLIP_LAYERS], -1)[slot]  # [clips * frames, 256, 768]
+        out[start:start + len(chunk)] = feats.view(len(chunk), -1, *feats.shape[1:]).half().numpy()
+    out.flush()
+    del out
+    os.replace(path + ".tmp", path)
+    with open(index_path, "w") as f:
+        json.dump(keys, f)

@@ -80,13 +80,16 @@ class PackedData:
 class Packer:
     """Builds prefix-shared training sequences (see the module docstring) from the chat template."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, prompt=build_prompt, placeholder: str | None = None, placeholders: int = NUM_IMAGE_TOKENS):
+        """`prompt(processor, question)`: the chat prompt; its one `placeholder` token (default: the
+        processor's image token) stands for `placeholders` visual tokens in the sequences."""
         self.tokenizer = processor.tokenizer
-        self.image_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.image_id = self.tokenizer.convert_tokens_to_ids(placeholder or processor.image_token)
         self.processor = processor
-        probe = self._ids(build_prompt(processor, "?"))
+        self.prompt = prompt
+        probe = self._ids(prompt(processor, "?"))
         cut = probe.index(self.image_id) + 1
-        self.prefix = probe[: cut - 1] + [self.image_id] * NUM_IMAGE_TOKENS
+        self.prefix = probe[: cut - 1] + [self.image_id] * placeholders
         self._prefix_text_ids = probe[:cut]
         self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self._cache: dict[tuple[str, str], tuple[list[int], int]] = {}
@@ -98,8 +101,8 @@ class Packer:
         """(token ids after the prefix for "question -> answer<|im_end|>", number of answer tokens incl. end)."""
         key = (question, answer)
         if key not in self._cache:
-            prompt = self._ids(build_prompt(self.processor, question))
-            full = self._ids(build_prompt(self.processor, question) + answer) + [self.end_id]
+            prompt = self._ids(self.prompt(self.processor, question))
+            full = self._ids(self.prompt(self.processor, question) + answer) + [self.end_id]
             if full[: len(self._prefix_text_ids)] != self._prefix_text_ids or full[: len(prompt)] != prompt:
                 raise ValueError(f"prefix tokenisation differs for {question!r}")
             self._cache[key] = (full[len(self._prefix_text_ids):], len(full) - len(prompt))

@@ -1,0 +1,69 @@
+"""The generated clips (real_model/clips.py): deterministic, split-separated, and every answer true of
+the pixels (checked from the frames, independently of the generator's bookkeeping)."""
+
+import numpy as np
+import pytest
+
+from leanvlm.real_model.clips import CLIP_ANSWERS, CLIP_QUESTION_TYPES, FRAMES, FRAME_SIZE, clips
+from leanvlm.real_model.data import COLORS
+
+
+def _by_clip(items):
+    out = {}
+    for item in items:
+        out.setdefault(item.clip_key, []).append(item)
+    return out
+
+
+def _mask(frame, rgb, tol=30):
+    """[H, W] bool: pixels within `tol` of colour `rgb` (anti-aliased edges excluded)."""
+    return (np.abs(np.asarray(frame, dtype=int) - np.array(rgb)).max(-1) < tol)
+
+
+def test_deterministic_and_splits_share_no_clip():
+    a, b = clips("test", 6, 3), clips("test", 6, 3)
+    assert [(i.question, i.answer) for i in a] == [(i.question, i.answer) for i in b]
+    assert all(np.array_equal(np.asarray(x.frames[4]), np.asarray(y.frames[4])) for x, y in zip(a, b))
+    train = {np.asarray(i.frames[0]).tobytes() for i in clips("train", 20, 3)}
+    assert not train & {np.asarray(i.frames[0]).tobytes() for i in clips("test", 20, 3)}
+
+
+def test_shapes_of_a_clip():
+    items = clips("heldout", 30, 1)
+    assert {i.qtype for i in items} == set(CLIP_QUESTION_TYPES)
+    for group in _by_clip(items).values():
+        assert len(group) == 5 and len({id(i.frames) for i in group}) == 1
+        assert len(group[0].frames) == FRAMES and group[0].frames[0].size == (FRAME_SIZE, FRAME_SIZE)
+    assert all(i.answer in CLIP_ANSWERS for i in items)
+
+
+def test_count_answers_match_the_pixels():
+    for item in (i for i in clips("heldout", 40, 2) if i.qtype == "count"):
+        color = item.question.split("show a ")[1].split(" shape")[0]
+        shown = sum(_mask(f, COLORS[color]).sum() > 30 for f in item.frames)
+        assert str(shown) == item.answer, item.question
+
+
+def test_direction_answers_match_the_pixels():
+    for item in (i for i in clips("heldout", 40, 4) if i.qtype == "direction"):
+        band = [np.asarray(f, dtype=int)[40:72] for f in item.frames]  # the mover's band (y 56 +- 16)
+        background = band[0][0, 0]
+        xs = [np.nonzero((np.abs(b - background).max(-1) > 60).any(0))[0] for b in band]
+        centres = [x.mean() for x in xs if len(x)]
+        assert len(centres) >= 2
+        assert item.answer == ("right" if centres[-1] > centres[0] else "left"), item.question
+
+
+def test_yes_and_no_both_occur_and_answers_are_varied():
+    items = clips("train", 200, 0)
+    presence = [i.answer for i in items if i.qtype == "presence"]
+    assert 0.3 < presence.count("no") / len(presence) < 0.7
+    directions = [i.answer for i in items if i.qtype == "direction"]
+    assert 0.35 < directions.count("left") / len(directions) < 0.65
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        clips("validation", 3)
+    with pytest.raises(ValueError, match="n must be"):
+        clips("test", 0)
