@@ -166,6 +166,8 @@ class AppliedMethod:
                 self._handles.append(attn.q_proj.register_forward_hook(self._capture_projection("q")))
                 self._handles.append(attn.k_proj.register_forward_hook(self._capture_projection("k")))
                 self._handles.append(layer.register_forward_hook(self._layer_output_hook(i)))
+        # after the runtime's own hooks, so that the family's see each layer's output after a drop
+        self._handles += self.adapter.install_hooks(lambda: self.fwd.index if self.fwd is not None else None)
         had_own = "generate" in vars(self.model)
         self._own_generate = vars(self.model).get("generate") if had_own else None
         inner_generate = self.model.generate
