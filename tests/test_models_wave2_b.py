@@ -1,9 +1,10 @@
 """Model coverage, wave 2 (b): Qwen3-VL, Qwen3-VL-MoE, Idefics3, SmolVLM on tiny random-weight models.
 
 The support-matrix checks are tests/test_models.py's (same names, same assertions, the same `METHODS`),
-run on the families of tests/tiny_families_b.py. By default a fast subset runs (every family x method x
-modality under sdpa, and eager for keep_all / fastv / aim); `LEANVLM_FULL_MATRIX=1` runs every cell under
-both attention implementations (`scripts/support_matrix.py` sets it). Family-specific tests below check
+run on the families of tests/tiny_families_b.py. By default a fast subset runs (`_fast`: every method on
+Qwen3-VL's mixed batch and Idefics3's images under sdpa, keep_all on the MoE sibling and under eager, aim
+on SmolVLM); `LEANVLM_FULL_MATRIX=1` runs every family x method x modality x attention cell (288 tests,
+~2.5 min on 2 cores; `scripts/support_matrix.py` and CI set it). Family-specific tests below check
 what the generic ones cannot see: DeepStack features of the kept tokens (pre-LLM and in-LLM, against
 hand-written references built on the model's own text model), the original M-RoPE ids with timestamped
 video frames, per-tile shrinking with row/column tokens intact, and the pixel-shuffled vision signals.
@@ -63,7 +64,13 @@ def frame_tokens(family: Family, model, prompt: list) -> list[int]:
 
 
 def _fast(family: str, method: str, modality: str, attn: str) -> bool:
-    return attn == "sdpa" or method in ("keep_all", "fastv", "aim")
+    """The default subset: every method on Qwen3-VL (mixed batch) and Idefics3 under sdpa; the code paths
+    their siblings share once (MoE: keep_all, SmolVLM: aim), and eager once (Qwen3-VL keep_all)."""
+    if family in ("qwen3_vl", "idefics3") and modality == modalities(FAMILIES_B[family])[-1] and attn == "sdpa":
+        return True
+    siblings = {"qwen3_vl": ("keep_all",), "qwen3_vl_moe": ("keep_all",), "smolvlm": ("aim",)}
+    return method in siblings.get(family, ()) and modality == modalities(FAMILIES_B[family])[-1] and \
+        (attn == "sdpa" or family == "qwen3_vl")
 
 
 CELLS = [(family, method.name, modality, attn)
@@ -439,3 +446,33 @@ def test_idefics3_signals_fold_each_tokens_patches():
         keys = patches["keys"][tile].view(side // 2, 2, side // 2, 2, -1).mean(dim=(1, 3)).flatten(0, 1)
         torch.testing.assert_close(item.signals["cls_attention"][0], attention)
         torch.testing.assert_close(item.signals["keys"][0], keys)
+
+
+# --- FLOPs presets ------------------------------------------------------------------------------------------
+def test_flops_presets_match_the_published_configs_read_by_preset_from_config():
+    """qwen3-vl-8b and smolvlm-2.2b (numbers written in flops.py) equal what `preset_from_config` reads from
+    the published config.json fields (Qwen3-VL-8B-Instruct at 512 px, SmolVLM2-2.2B-Instruct)."""
+    from transformers import Qwen3VLConfig, SmolVLMConfig
+
+    from leanvlm import flops
+
+    qwen = Qwen3VLConfig(
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
+                           deepstack_visual_indexes=[8, 16, 24]),
+        text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936))
+    smol = SmolVLMConfig(
+        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                           patch_size=14, image_size=384),
+        text_config=dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49280), scale_factor=3)
+    for name, config, size in (("qwen3-vl-8b", qwen, 512), ("smolvlm-2.2b", smol, None)):
+        read, preset = flops.preset_from_config(config, image_size=size), flops.PRESETS[name]
+        assert (read.llm, read.vision, read.image_tokens) == (preset.llm, preset.vision, preset.image_tokens)
+    qwen3 = flops.PRESETS["qwen3-vl-8b"].vision
+    assert qwen3.projector_copies == 4 and qwen3.window_tokens == 0 and not qwen3.gated_mlp
+    # the three DeepStack mergers cost three more merger passes
+    one_merger = flops.vision_flops(1, flops.VisionShape(**{**qwen3.__dict__, "projector_copies": 1}))
+    merger = 2.0 * 256 * (4608 * 4608 + 4608 * 4096)
+    assert flops.vision_flops(1, qwen3) - one_merger == 3 * merger
