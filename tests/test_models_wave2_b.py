@@ -389,7 +389,8 @@ def test_idefics3_tiles_shrink_in_place_and_row_column_tokens_survive(family):
     keep = torch.ones_like(ids, dtype=torch.bool)
     keep[slots[(torch.arange(slots.numel()) % per_tile) % 2 == 1]] = False
     with torch.no_grad():
-        features = torch.cat(model.model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output)
+        pooled = model.model.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output
+        features = torch.cat(list(pooled)).flatten(0, -2)  # per sample (newer transformers) or per tile
         embeds = model.model.get_input_embeddings()(ids[None])
         embeds[0, slots] = features
         hidden = model.model.text_model(inputs_embeds=embeds[:, keep]).last_hidden_state

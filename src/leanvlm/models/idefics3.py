@@ -85,32 +85,33 @@ class Idefics3Adapter(ModelAdapter):
         if encoded is None:  # a plain forward; `generate` encodes the images itself beforehand
             encoded = self.multimodal_module.get_image_features(
                 kwargs["pixel_values"], kwargs.get("pixel_attention_mask"), return_dict=True)
-        per_sample = list(encoded.pooler_output)  # one [tiles_b * T, C] per batch row
+        pooled = encoded.pooler_output  # one [tiles_b * T, C] per batch row, or (transformers < 5.2x) [tiles, T, C]
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled]) if isinstance(pooled, (list, tuple)) \
+            else pooled.reshape(-1, pooled.shape[-1])
         tokens = int(self.multimodal_module.image_seq_len)
         side = math.isqrt(tokens)
-        placeholders = int((kwargs["input_ids"] == self.visual_token_ids[0]).sum())
-        if sum(f.shape[0] for f in per_sample) != placeholders:
-            raise ValueError(f"{self.family}: input_ids hold {placeholders} image placeholders but the images give "
-                             f"{sum(f.shape[0] for f in per_sample)} tokens")
+        # the batch row of every placeholder; tiles fill the placeholder runs in row-major order
+        row_of_token = (kwargs["input_ids"] == self.visual_token_ids[0]).nonzero()[:, 0]
+        if features.shape[0] != row_of_token.numel():
+            raise ValueError(f"{self.family}: input_ids hold {row_of_token.numel()} image placeholders but the images "
+                             f"give {features.shape[0]} tokens")
         signals = self._token_signals(probe, needs) if needs else {}
-        items, tile = [], 0
-        for sample, features in enumerate(per_sample):
-            for frame in features.view(-1, tokens, features.shape[-1]):
-                item_signals = {name: value[tile:tile + 1] for name, value in signals.items()}
-                item = VisualItem.from_frames(frame[None], (side, side), sample, "image", item_signals)
-                if needs:
-                    item.info["cls_substitute"] = "no CLS token: the mean of the tile's patches is the query"
-                items.append(item)
-                tile += 1
+        items = []
+        for tile, frame in enumerate(features.view(-1, tokens, features.shape[-1])):
+            item_signals = {name: value[tile:tile + 1] for name, value in signals.items()}
+            item = VisualItem.from_frames(frame[None], (side, side), int(row_of_token[tile * tokens]), "image",
+                                          item_signals)
+            if needs:
+                item.info["cls_substitute"] = "no CLS token: the mean of the tile's patches is the query"
+            items.append(item)
         return items
 
     def rebuild_inputs(self, kwargs: dict[str, Any], items: list[VisualItem]) -> tuple[dict[str, Any], ShrunkSequence | None]:
         input_ids = kwargs["input_ids"]
-        per_sample: list[list[torch.Tensor]] = [[] for _ in range(input_ids.shape[0])]
-        for item in items:
-            per_sample[item.sample].append(item.frames[0])
-        width = items[0].frames[0].shape[-1] if items else 0
-        features = [torch.cat(tiles) if tiles else items[0].frames[0].new_zeros(0, width) for tiles in per_sample]
+        # [tokens, 1, C] in placeholder order: one "block" per placeholder, which every transformers version's
+        # merger takes (SmolVLM's block-wise merger of transformers 5.20 needs [blocks, tokens a block, C] with
+        # equal blocks, which reduced tiles are not; masked_scatter only counts elements)
+        features = torch.cat([item.frames[0] for item in items])[:, None]
         old_counts = [item.grid[0] * item.grid[1] for item in items]
         new_counts = [item.num_tokens for item in items]
         kwargs = dict(kwargs)
