@@ -172,7 +172,7 @@ def test_identity_pre_llm_stage_rebuilds_the_exact_input(family):
         torch.testing.assert_close(model(**inputs).logits, plain, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES_B))
+@pytest.mark.parametrize("family", ["qwen3_vl", "idefics3"])  # the siblings share the adapter and its hooks
 def test_model_restored_after_exit_even_after_an_error(family):
     fam = FAMILIES_B[family]
     model = model_for(family, "sdpa")
@@ -192,7 +192,7 @@ def test_model_restored_after_exit_even_after_an_error(family):
     torch.testing.assert_close(model(**inputs).logits, plain, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES_B))
+@pytest.mark.parametrize("family", ["qwen3_vl", "idefics3", "smolvlm"])  # the MoE sibling has Qwen3-VL's tower
 def test_vision_signals_per_frame_in_forward_and_generate(family):
     """Signals match every item's frames; generate (which pre-encodes the pixels) hands the stages the same
     signals as a plain forward."""
