@@ -25,7 +25,7 @@ from transformers import (
     SmolVLMForConditionalGeneration,
 )
 
-from tiny_families import (IMAGE, PAD, QWEN_PATCH, VIDEO, VISION_END, VISION_START, Family, Visual, _Qwen, _finish,
+from tiny_families import (IMAGE, QWEN_PATCH, VIDEO, VISION_END, VISION_START, Family, Visual, _Qwen, _finish,
                            _left_pad, _pixels, _random_text, _text_config)
 
 FAKE_AROUND = 124  # <fake_token_around_image>
