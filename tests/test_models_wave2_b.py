@@ -3,8 +3,8 @@
 The support-matrix checks are tests/test_models.py's (same names, same assertions, the same `METHODS`),
 run on the families of tests/tiny_families_b.py. By default a fast subset runs (`_fast`: every method on
 Qwen3-VL's mixed batch and Idefics3's images under sdpa, keep_all on the MoE sibling and under eager, aim
-on SmolVLM); `LEANVLM_FULL_MATRIX=1` runs every family x method x modality x attention cell (288 tests,
-~2.5 min on 2 cores; `scripts/support_matrix.py` and CI set it). Family-specific tests below check
+on SmolVLM); `LEANVLM_FULL_MATRIX=1` runs every family x method x modality x attention cell (432 tests,
+about 3 min on 2 cores; `scripts/support_matrix.py` and CI set it). Family-specific tests below check
 what the generic ones cannot see: DeepStack features of the kept tokens (pre-LLM and in-LLM, against
 hand-written references built on the model's own text model), the original M-RoPE ids with timestamped
 video frames, per-tile shrinking with row/column tokens intact, and the pixel-shuffled vision signals.
