@@ -142,7 +142,10 @@ class VisionShape:
     patch_dim: input values per patch (channels * patch^2 * temporal patch). window_tokens: tokens per
     attention window in windowed layers (0 = all layers global); full_attention_layers: the global layers
     when windowed. projector: widths of the linear chain from encoder to LLM, run on projector_tokens
-    tokens (e.g. (1024, 4096, 4096) on 576 for LLaVA-1.5; Qwen's patch merger on patches / 4).
+    tokens (e.g. (1024, 4096, 4096) on 576 for LLaVA-1.5; Qwen's patch merger on patches / 4; Idefics3 /
+    SmolVLM's one linear after the pixel shuffle, (D * s^2, LLM width) on patches / s^2).
+    projector_copies: how many such chains run on the same tokens (Qwen3-VL: the merger + one DeepStack
+    merger per `deepstack_visual_indexes` level).
     """
 
     hidden: int
@@ -157,6 +160,7 @@ class VisionShape:
     full_attention_layers: tuple[int, ...] = ()
     projector: tuple[int, ...] = ()
     projector_tokens: int = 0
+    projector_copies: int = 1
 
     @property
     def tokens(self) -> int:
@@ -191,6 +195,13 @@ class VisionShape:
         feature_layer = _get(config, "vision_feature_layer", default=-1)
         projector_in = hidden * (len(feature_layer) if isinstance(feature_layer, Sequence) else 1)
         llm_hidden = LLMShape.from_config(config).hidden
+        scale = _get(config, "scale_factor", default=None)
+        if scale is not None:  # Idefics3 / SmolVLM: pixel shuffle s x s patches into one token, one linear
+            scale = int(scale)
+            return cls(hidden=hidden, intermediate=int(_get(vision, "intermediate_size")),
+                       heads=int(_get(vision, "num_attention_heads")), layers=int(_get(vision, "num_hidden_layers")),
+                       patches=side * side, patch_dim=int(_get(vision, "num_channels", default=3)) * patch * patch,
+                       projector=(hidden * scale * scale, llm_hidden), projector_tokens=side * side // (scale * scale))
         # "default" drops the CLS token before the projector, "full" keeps it.
         strategy = _get(config, "vision_feature_select_strategy", default="default")
         return cls(
@@ -215,7 +226,15 @@ class VisionShape:
         channels = int(_get(vision, "in_channels", "in_chans", default=3))
         patch_dim = channels * int(_get(vision, "temporal_patch_size", default=2)) * patch * patch
         qwen2_vl = _get(vision, "embed_dim", default=None) is not None
-        if qwen2_vl:  # Qwen2-VL: hidden_size is the LLM width the merger projects to
+        deepstack = _get(vision, "deepstack_visual_indexes", default=None)
+        copies = 1
+        if deepstack is not None:  # Qwen3-VL: plain GELU MLP, global attention, one merger per DeepStack level
+            hidden = int(_get(vision, "hidden_size"))
+            intermediate = int(_get(vision, "intermediate_size"))
+            gated, out = False, int(_get(vision, "out_hidden_size"))
+            window, full = 0, ()
+            copies = 1 + len(deepstack)
+        elif qwen2_vl:  # Qwen2-VL: hidden_size is the LLM width the merger projects to
             hidden = int(_get(vision, "embed_dim"))
             intermediate = int(hidden * float(_get(vision, "mlp_ratio", default=4)))
             gated, out = False, int(_get(vision, "hidden_size"))
@@ -239,6 +258,7 @@ class VisionShape:
             full_attention_layers=full,
             projector=(merged, merged, out),
             projector_tokens=patches // (merge * merge),
+            projector_copies=copies,
         )
 
 
@@ -354,6 +374,27 @@ PRESETS: dict[str, Preset] = {
             image_tokens=256, frame_tokens=256, frames_per_group=2, default_frames=32,
             note="dynamic resolution; preset at 448x448; 112 px attention windows except 4 global layers",
         ),
+        Preset(
+            name="qwen3-vl-8b",
+            llm=LLMShape(hidden=4096, kv_dim=8 * 128, intermediate=12288, heads=32, layers=36, vocab=151936),
+            vision=VisionShape(hidden=1152, intermediate=4304, heads=16, layers=27, patches=1024,
+                               patch_dim=3 * 2 * 16 * 16, projector=(4608, 4608, 4096), projector_tokens=256,
+                               projector_copies=4),
+            image_tokens=256, frame_tokens=256, frames_per_group=2, default_frames=32,
+            note="Qwen3-VL-8B-Instruct; dynamic resolution, preset at 512x512 (patch 16: 1024 patches -> 256 "
+                 "tokens per image / per 2 frames); merger + 3 DeepStack mergers (their additions into LLM "
+                 "layers 0-2 are not matmuls and not counted)",
+        ),
+        Preset(
+            name="smolvlm-2.2b",
+            llm=LLMShape(hidden=2048, kv_dim=2048, intermediate=8192, heads=32, layers=24, vocab=49280),
+            vision=VisionShape(hidden=1152, intermediate=4304, heads=16, layers=27, patches=729, patch_dim=588,
+                               projector=(1152 * 9, 2048), projector_tokens=81),
+            image_tokens=81, frame_tokens=81, default_frames=32,
+            note="SmolVLM2-2.2B-Instruct: SigLIP-so400m/14 at 384 px + SmolLM2-1.7B; pixel shuffle 3 x 3 -> 81 "
+                 "tokens per 384 px tile; an image is up to 4 x 4 tiles + 1 global tile (images=17), a video "
+                 "frame one tile",
+        ),
     )
 }
 
@@ -393,7 +434,8 @@ def vision_flops(num_images: int, shape: VisionShape) -> float:
     temporal patches). Accounting in the module docstring."""
     per_pass = 2.0 * shape.patches * shape.patch_dim * shape.hidden
     per_pass += sum(_vision_layer_flops(layer, shape) for layer in range(shape.layers))
-    per_pass += sum(2.0 * shape.projector_tokens * a * b for a, b in zip(shape.projector, shape.projector[1:]))
+    per_pass += shape.projector_copies * sum(2.0 * shape.projector_tokens * a * b
+                                             for a, b in zip(shape.projector, shape.projector[1:]))
     return num_images * per_pass
 
 

@@ -23,6 +23,10 @@ FAMILIES: dict[str, str] = {
     "LLaVA-OneVision / LLaVA-Video": "LlavaOnevisionForConditionalGeneration",
     "Qwen2-VL": "Qwen2VLForConditionalGeneration",
     "Qwen2.5-VL": "Qwen2_5_VLForConditionalGeneration",
+    "Qwen3-VL": "Qwen3VLForConditionalGeneration",
+    "Qwen3-VL-MoE": "Qwen3VLMoeForConditionalGeneration",
+    "Idefics3": "Idefics3ForConditionalGeneration",
+    "SmolVLM / SmolVLM2": "SmolVLMForConditionalGeneration",
 }
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from leanvlm.models.base import ModelAdapter
+from leanvlm.models.idefics3 import Idefics3Adapter
 from leanvlm.models.llava import LlavaAdapter
 from leanvlm.models.llava_next_video import LlavaNextVideoAdapter
 from leanvlm.models.onevision import OneVisionAdapter
 from leanvlm.models.qwen2_vl import QwenVLAdapter
+from leanvlm.models.qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, OneVisionAdapter, LlavaNextVideoAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, OneVisionAdapter, LlavaNextVideoAdapter, QwenVLAdapter,
+                                            Qwen3VLAdapter, Idefics3Adapter)
 
 
 def supported_models() -> list[str]:

@@ -9,10 +9,12 @@ stage changed the token count. Everything family-specific lives in one adapter f
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from leanvlm.ops.select import gather_slots
 from leanvlm.models.vision import VisionProbe
@@ -154,6 +156,13 @@ class ModelAdapter(ABC):
         itself (never reduced, not visual), or None when the family has none. items: the reduced items the
         input was rebuilt from, or None when no pre-LLM stage ran (the layout follows the pixel inputs)."""
         return None
+
+    def install_hooks(self, token_index: Callable[[], torch.Tensor | None]) -> list[RemovableHandle]:
+        """Family-specific hooks for as long as a method is applied; the runtime installs them after its own
+        (a decoder layer's forward hook here sees the layer's output after the runtime's drop) and removes them
+        on exit. token_index(): the forward in progress' current slot -> layer-0 position index [B, N] (-1 =
+        filler), None while every token is present. None by default (Qwen3-VL: DeepStack injection)."""
+        return []
 
     def install_vision_probe(self) -> VisionProbe:
         """Start capturing the vision layer that signals (CLS attention, keys) are computed from."""

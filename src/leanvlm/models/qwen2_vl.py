@@ -158,9 +158,19 @@ class QwenVLAdapter(ModelAdapter):
                 features = encoded.pooler_output[run.index]
                 item_signals = {name: torch.stack(values[frame:frame + t]) for name, values in signals.items()}
                 frame += t
-                by_kind[(kind, run.index)] = VisualItem.from_frames(features.reshape(t, grid[0] * grid[1], -1), grid,
-                                                                    run.sample, kind, item_signals)
+                item = VisualItem.from_frames(features.reshape(t, grid[0] * grid[1], -1), grid, run.sample, kind,
+                                              item_signals)
+                self._attach_encoder_extras(item, encoded, run.index)
+                by_kind[(kind, run.index)] = item
         return [by_kind[(run.kind, run.index)] for run in runs]
+
+    def _attach_encoder_extras(self, item: VisualItem, encoded: Any, index: int) -> None:
+        """Keep what else the encoder output holds for this image / video (index among its kind) in item.info;
+        nothing for Qwen2-VL / Qwen2.5-VL (Qwen3-VL: its DeepStack features)."""
+
+    def _encoder_output(self, items: list[VisualItem]) -> BaseModelOutputWithPooling:
+        """The `mm_encoder_outputs` entry of one modality that feeds these reduced items (in index order)."""
+        return BaseModelOutputWithPooling(pooler_output=[torch.cat(item.frames) for item in items])
 
     def _original_positions(self, kwargs: dict[str, Any]) -> torch.Tensor:
         """The model's position ids for the unreduced input: [3, B, L] M-RoPE (or [4, B, L] with the text row
@@ -182,25 +192,28 @@ class QwenVLAdapter(ModelAdapter):
 
     def rebuild_inputs(self, kwargs: dict[str, Any], items: list[VisualItem]) -> tuple[dict[str, Any], ShrunkSequence | None]:
         runs = self._runs(kwargs)
-        features = {"image": {}, "video": {}}
+        features: dict[str, dict[int, VisualItem]] = {"image": {}, "video": {}}
         old_counts, new_counts = [], []
         input_ids = kwargs["input_ids"]
         # original flat column each kept placeholder takes its M-RoPE ids from (identity elsewhere)
         source = torch.arange(input_ids.numel(), device=input_ids.device)
         for run, item in zip(runs, items):
-            features[run.kind][run.index] = torch.cat(item.frames)
+            features[run.kind][run.index] = item
             per_frame = item.grid[0] * item.grid[1]
-            survivors = torch.cat([org.to(input_ids.device) + f * per_frame for f, org in enumerate(item.origin)])
-            source[run.flat[: survivors.numel()]] = run.flat[survivors]
-            old_counts.append(run.length)
-            new_counts.append(survivors.numel())
+            # frame by frame: each frame's survivors stay in that frame's own placeholders (Qwen3-VL puts a
+            # timestamp text between the frames of a video; Qwen2-VL's contiguous runs are unaffected)
+            for f, org in enumerate(item.origin):
+                columns = run.flat[f * per_frame:(f + 1) * per_frame]
+                source[columns[:org.numel()]] = columns[org.to(input_ids.device)]
+                old_counts.append(per_frame)
+                new_counts.append(org.numel())
         kwargs = dict(kwargs)
         kwargs["pixel_values"] = kwargs["pixel_values_videos"] = None
         # A new dict: generate reuses its own across uncached steps, which must see the unreduced features.
         encoded = dict(kwargs.get("mm_encoder_outputs") or {})
         for kind, by_index in features.items():
             if by_index:
-                encoded[kind] = BaseModelOutputWithPooling(pooler_output=[by_index[i] for i in sorted(by_index)])
+                encoded[kind] = self._encoder_output([by_index[i] for i in sorted(by_index)])
         kwargs["mm_encoder_outputs"] = encoded
         if new_counts == old_counts:
             return kwargs, None

@@ -8,7 +8,8 @@ Hooks installed (nothing global, nothing on classes):
 - on each dropping layer, a pre-hook on its attention module and forward hooks on its q/k projections
   (so scoring reuses the layer's own projections and position embeddings instead of recomputing them),
   and a forward hook that removes the dropped tokens from the layer's output hidden states;
-- `generate` of the instance is wrapped, so that uncached generation reuses the prompt's decisions.
+- `generate` of the instance is wrapped, so that uncached generation reuses the prompt's decisions;
+- the adapter's own hooks (`ModelAdapter.install_hooks`, e.g. Qwen3-VL's DeepStack injection), after these.
 
 Phases of a forward, decided from state alone (the cache the forward carries, found by type, and the
 inputs), never from keyword names or from which `generate` call is running:
@@ -166,6 +167,8 @@ class AppliedMethod:
                 self._handles.append(attn.q_proj.register_forward_hook(self._capture_projection("q")))
                 self._handles.append(attn.k_proj.register_forward_hook(self._capture_projection("k")))
                 self._handles.append(layer.register_forward_hook(self._layer_output_hook(i)))
+        # after the runtime's own hooks, so that the family's see each layer's output after a drop
+        self._handles += self.adapter.install_hooks(lambda: self.fwd.index if self.fwd is not None else None)
         had_own = "generate" in vars(self.model)
         self._own_generate = vars(self.model).get("generate") if had_own else None
         inner_generate = self.model.generate
