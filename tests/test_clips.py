@@ -1,6 +1,8 @@
 """The generated clips (real_model/clips.py): deterministic, split-separated, and every answer true of
 the pixels (checked from the frames, independently of the generator's bookkeeping)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,26 @@ def test_bad_arguments():
         clips("validation", 3)
     with pytest.raises(ValueError, match="n must be"):
         clips("test", 0)
+
+
+def test_clip_dir_reads_frame_folders_and_gifs(tmp_path):
+    from leanvlm.hub import load_video
+    from leanvlm.real_model.clips import load_clip_dir
+
+    source = clips("heldout", 2, 5)
+    first, second = source[0], source[5]
+    (tmp_path / "videos" / "0").mkdir(parents=True)
+    for t, frame in enumerate(first.frames):
+        frame.save(tmp_path / "videos" / "0" / f"{t:03d}.png")
+    second.frames[0].save(tmp_path / "videos" / "1.gif", save_all=True, append_images=list(second.frames[1:]))
+    rows = [[first.question, first.answer, 0], [second.question, second.answer, 1], ["which way?", "left", 1]]
+    (tmp_path / "questions.json").write_text(json.dumps(rows))
+    items = load_clip_dir(str(tmp_path), load_video)
+    assert [(i.question, i.answer) for i in items] == [tuple(r[:2]) for r in rows]
+    assert items[2].qtype == "direction" and items[1].clip_key == items[2].clip_key == "1"
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(items[0].frames, first.frames))
+    assert 1 <= len(items[1].frames) <= FRAMES  # a GIF writer may merge identical consecutive frames
+    rows.append(["?", "yes", 9])
+    (tmp_path / "questions.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match="row 3 needs clip 9"):
+        load_clip_dir(str(tmp_path), load_video)

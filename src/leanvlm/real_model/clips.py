@@ -18,12 +18,15 @@ Deterministic given (split, seed); train, test and heldout come from different r
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from leanvlm.real_model.data import _SUPERSAMPLE, COLORS, SHAPES, _draw_shape
+from leanvlm.real_model.data import _SUPERSAMPLE, COLORS, SHAPES, _draw_shape, question_type
 
 FRAMES = 8
 FRAME_SIZE = 112
@@ -146,3 +149,70 @@ def clips(split: str, n: int, seed: int = 0) -> list[ClipItem]:
         for question, answer, qtype in _questions(rng, objects):
             items.append(ClipItem(frames, question, answer, qtype, f"clips-{split}-{seed}-{k}"))
     return items
+
+
+def load_clip_dir(directory: str, read_video: Callable[[str, int], list[Image.Image]], num_frames: int = FRAMES,
+                  prefix: str = "") -> list[ClipItem]:
+    """Items of a directory of the users' own clips, in the image datasets' layout with videos:
+    `questions.json`, a JSON list of `[question, answer, N]` rows, and for each N either `videos/N/`
+    (a folder of frame images, in file-name order) or one file `videos/N.<ext>` (GIF, MP4, ... read by
+    `read_video(path, num_frames)`, e.g. `leanvlm.hub.load_video`). `num_frames` frames are sampled
+    uniformly (first and last included). ValueError naming the file and row for anything malformed.
+    """
+    path = os.path.join(directory, "questions.json")
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of [question, answer, clip number] rows, got {type(rows).__name__}")
+    videos_dir = os.path.join(directory, "videos")
+    loaded: dict[int, tuple[Image.Image, ...]] = {}
+    items = []
+    for number, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
+                and isinstance(row[2], int) and not isinstance(row[2], bool)):
+            raise ValueError(f"{path}: row {number} must be [question, answer, clip number], got {row!r}")
+        question, answer, clip_id = row
+        if not question.strip():
+            raise ValueError(f"{path}: row {number} has an empty question")
+        if clip_id not in loaded:
+            loaded[clip_id] = tuple(_read_clip(videos_dir, clip_id, read_video, num_frames, f"{path}: row {number}"))
+        qtype = _clip_question_type(answer)
+        items.append(ClipItem(loaded[clip_id], question, answer, qtype, f"{prefix}{clip_id}"))
+    return items
+
+
+def _read_clip(videos_dir: str, clip_id: int, read_video, num_frames: int, where: str) -> list[Image.Image]:
+    folder = os.path.join(videos_dir, str(clip_id))
+    try:
+        if os.path.isdir(folder):
+            names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+            if not names:
+                raise ValueError("the folder has no frames")
+            picked = [names[round(i * (len(names) - 1) / max(num_frames - 1, 1))] for i in range(min(num_frames, len(names)))]
+            frames = []
+            for name in picked:
+                with Image.open(os.path.join(folder, name)) as im:
+                    frames.append(im.convert("RGB"))
+            return frames
+        files = [n for n in os.listdir(videos_dir) if os.path.splitext(n)[0] == str(clip_id)] if os.path.isdir(videos_dir) else []
+        if not files:
+            raise ValueError(f"neither {folder}/ nor {folder}.<gif|mp4|...> exists")
+        frames = read_video(os.path.join(videos_dir, files[0]), num_frames)
+        if not frames:
+            raise ValueError("the video has no frames")
+        return frames
+    except (OSError, ValueError, ImportError) as error:
+        raise ValueError(f"{where} needs clip {clip_id}, which cannot be read ({error})") from error
+
+
+def _clip_question_type(answer: str) -> str:
+    """Question type of a user's clip question, from its answer: "direction", "count" (2-8), else the
+    image datasets' types (shape / color / yes/no / other)."""
+    if answer in DIRECTIONS:
+        return "direction"
+    if answer in CLIP_COUNTS:
+        return "count"
+    return question_type(answer)

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--count-weight", type=float, default=2.0, help="loss weight of frame-counting questions")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=5)
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--feature-dir", default=os.path.join(os.getcwd(), ".cache", "features"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the feature cache and training (fp32 master weights)")
@@ -156,13 +156,17 @@ def main(argv: list[str] | None = None) -> None:
             for k, v in ck["params"].items():
                 trainable[k].copy_(v)
         opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
         step = ck["step"]
-        log(f"resumed from step {step}")
+        if ck["sched"]["total_steps"] == args.steps:
+            sched.load_state_dict(ck["sched"])
+        else:  # --steps changed (e.g. to fit a deadline): same schedule shape over the new length
+            for _ in range(step):
+                sched.step()
+        log(f"resumed from step {step} (total steps {args.steps})")
     else:
         log(f"args {json.dumps(vars(args))}")
         log(f"train clips {len(train.groups)}, questions {sum(len(g[2]) for g in train.groups)}; eval questions "
-            f"{sum(len(g[2]) for g in evals.groups)}; start: {json.dumps(quick_eval(model, packer, evals))}")
+            f"{sum(len(g[2]) for g in evals.groups)}")
 
     per_epoch = len(train.groups) // args.batch_clips
     model.train()
