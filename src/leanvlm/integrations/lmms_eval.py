@@ -70,7 +70,10 @@ def manifests() -> list[Any]:
 
     from leanvlm.integrations.lmms_tasks import register_tasks
 
-    register_tasks()
+    try:
+        register_tasks()
+    except ImportError as error:  # lmms-eval installed without its task dependencies: the models still work
+        logger.warning("leanvlm's lmms-eval tasks are not registered: %s", error)
 
     result = []
     for model_id in WRAPPED:
@@ -139,6 +142,9 @@ class _DocumentTracker:
         """Copies of the requests whose callables (the document fetchers) note each document fetched."""
         tracked = []
         for request in requests:
+            if not hasattr(request, "arguments"):  # not an lmms-eval Instance: nothing to track
+                tracked.append(request)
+                continue
             copy_ = copy.copy(request)
             copy_.arguments = tuple(self.fetching(a) if callable(a) else a for a in request.args)
             tracked.append(copy_)

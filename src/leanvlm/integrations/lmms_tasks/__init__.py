@@ -42,7 +42,7 @@ _PREPARED: dict[tuple[str, str], str] = {}
 
 # ------------------------------------------------------------------------------------------------ documents
 def prepare_dataset(dataset: str, split: str = "test") -> str:
-    """Write `load_items(dataset, split=split)` as a `datasets.DatasetDict({"test": ...})` to a temporary
+    """Write `load_items(dataset, split=split)` (a name or an easy-VQA-layout directory) as a `datasets.DatasetDict({"test": ...})` to a temporary
     directory (removed at exit; once per process) and return its path, for lmms-eval's `load_from_disk`."""
     key = (dataset, split)
     if key in _PREPARED:
@@ -71,7 +71,7 @@ def prepare_dataset(dataset: str, split: str = "test") -> str:
         "image_key": [it.image_key for it in items],
         "images": [[{"bytes": png[it.image_key], "path": None}] for it in items],
     }, features=features)
-    directory = tempfile.mkdtemp(prefix=f"leanvlm-lmms-{dataset}-")
+    directory = tempfile.mkdtemp(prefix=f"leanvlm-lmms-{os.path.basename(os.path.normpath(dataset))}-")
     atexit.register(shutil.rmtree, directory, True)
     datasets.DatasetDict({"test": table}).save_to_disk(os.path.join(directory, "data"))
     _PREPARED[key] = os.path.join(directory, "data")
