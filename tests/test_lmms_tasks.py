@@ -97,14 +97,21 @@ def _lmms_eval(out, processes: int) -> subprocess.Popen:
     command = launcher + ["--model", "leanvlm_llava_hf",
                           "--model_args", f"pretrained=bundled,method=aim,leanvlm_stats={out}/stats.json",
                           "--tasks", "leanvlm_easyvqa", "--limit", str(LIMIT), "--output_path", str(out), "--log_samples"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           "OMP_NUM_THREADS": "1"}
+    import leanvlm
+
+    # the processes import this leanvlm (absolute paths: they run in `out`)
+    paths = [os.path.dirname(os.path.dirname(leanvlm.__file__))]
+    paths += [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     log = open(out / "log.txt", "w")
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=out)
 
 
 def _outputs(out) -> tuple[dict, dict, dict]:
-    [results] = glob.glob(f"{out}/*/*_results.json")
+    results = glob.glob(f"{out}/*/*_results.json")
+    assert len(results) == 1, (out / "log.txt").read_text()[-3000:]  # lmms-eval exits 0 after most errors
+    [results] = results
     [samples] = glob.glob(f"{out}/*/*_samples_leanvlm_easyvqa.jsonl")
     answers = {}
     for line in open(samples):
@@ -122,10 +129,9 @@ def test_lmms_eval_one_and_two_processes_agree_with_leanvlm_eval(tmp_path):
     runs = {out: _lmms_eval(out, processes) for out, processes in ((one, 1), (two, 2))}
     for out, run in runs.items():
         assert run.wait(timeout=900) == 0, (out / "log.txt").read_text()[-3000:]
-    log = (two / "log.txt").read_text()
-    assert "Running on rank 1" in log  # two processes really ran
     single, single_answers, single_stats = _outputs(one)
     double, double_answers, double_stats = _outputs(two)
+    assert "Running on rank 1" in (two / "log.txt").read_text()  # two processes really ran
 
     assert sorted(single_answers) == list(range(LIMIT)) and single_answers == double_answers
     for metric in ("accuracy", "visual_in", "visual_tokens", "flops_ratio"):
@@ -148,3 +154,14 @@ def test_lmms_eval_one_and_two_processes_agree_with_leanvlm_eval(tmp_path):
     assert reference["accuracy"] == single["accuracy,none"]
     assert reference["visual_tokens"] == pytest.approx(single["visual_tokens,none"])
     assert reference["flops_ratio"] == pytest.approx(single["flops_ratio,none"])
+
+
+def test_task_files_are_package_data():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["leanvlm"]
+    shipped = {path for pattern in patterns for path in (root / "src" / "leanvlm").glob(pattern)}
+    task_files = {p for p in Path(lmms_tasks.TASK_DIR).iterdir() if p.name.endswith(("yaml", "_yaml"))}
+    assert task_files and task_files <= shipped
