@@ -18,7 +18,10 @@ model_args: everything the wrapped model takes, plus
 - `method=NAME` (a `leanvlm.methods.registry` name, default aim; `none` runs the model unchanged),
 - the method's own options by name (`merge_keep=0.25,l1=14,l2=22`, `layer=2,keep=0.5`, ...),
 - `budget=F`: set the method's knobs for a visual-token budget F instead (`registry.budget_options`),
-- `leanvlm_stats=FILE`: write the mean visual tokens / analytic FLOPs over the run as JSON.
+- `leanvlm_stats=FILE`: write the mean visual tokens / analytic FLOPs over the run (every process) as JSON,
+and `pretrained=bundled` runs leanvlm's bundled real model. The entry point also registers leanvlm's tasks
+(`leanvlm_easyvqa`, `leanvlm_scenes`: `leanvlm.integrations.lmms_tasks`), whose documents report the
+method's stats as task metrics; docs/lmms_eval.md.
 
     accelerate launch --num_processes=8 -m lmms_eval --model leanvlm_llava_onevision \\
         --model_args pretrained=llava-hf/llava-onevision-qwen2-7b-ov-hf,method=aim,merge_keep=0.25 \\
@@ -126,8 +129,7 @@ class _DocumentTracker:
 
     def __init__(self, method: Any) -> None:
         self.method = method
-        self.pending: list[str | None] = []
-        self.loose: list[Any] = []  # SampleStats attributed to no document
+        self.pending: list[str | None] = []  # leanvlm_id of each document fetched since the last prefill
         self.prompts: list[tuple[Any, list[str] | None]] = []  # (ReductionStats, its documents' ids or None)
         self._last: Any = None
 
@@ -240,8 +242,9 @@ class LeanvlmMixin:
 
     def leanvlm_summary(self) -> dict[str, Any]:
         """Means over every prompt so far, on every process (gathered when torch.distributed runs several):
-        visual tokens in / into the LLM, analytic prefill TFLOPs, their ratio, reduction seconds per prompt.
-        A document lmms-eval ran twice (padding a process's share) counts once."""
+        visual tokens in / into the LLM, analytic prefill TFLOPs, their ratio and, over leanvlm task documents,
+        reduction seconds per document. A document lmms-eval ran twice (padding a process's share) counts once.
+        A collective under torch.distributed: every process must call it."""
         from leanvlm.cli.common import method_options_dict
         from leanvlm.hub import summarize_samples
 
