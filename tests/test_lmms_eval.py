@@ -36,7 +36,7 @@ def picture(seed: int = 0) -> Image.Image:
 def test_pyproject_declares_entry_point_and_extra():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["lmms_eval.models"] == {"leanvlm": "leanvlm.integrations.lmms_eval:manifests"}
-    assert project["optional-dependencies"]["lmms"] == ["lmms-eval==0.7.3"]
+    assert project["optional-dependencies"]["lmms"] == ["lmms-eval==0.7.3", "filelock<4"]
 
 
 def test_entry_point_is_installed():
