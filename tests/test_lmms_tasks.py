@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from leanvlm.cli.eval import load_items
 from leanvlm.integrations import lmms_tasks
@@ -34,11 +35,30 @@ def test_prepared_documents_are_leanvlm_eval_items(vqa_dir):
     assert len(docs) == len(items) == 6
     for i, (doc, item) in enumerate(zip(docs, items)):
         assert doc["leanvlm_id"] == f"{vqa_dir}-test-{i}"
-        assert (doc["question"], doc["answer"], doc["qtype"], doc["image_key"]) == (item.question, item.answer, item.qtype,
-                                                                                    item.image_key)
+        assert (doc["question"], doc["answer"], doc["qtype"]) == (item.question, item.answer, item.qtype)
         assert lmms_tasks.doc_to_text(doc) == item.question
         [image] = lmms_tasks.doc_to_visual(doc)
         assert np.array_equal(np.asarray(image), np.asarray(item.image))  # PNG: lossless
+
+
+def test_documents_of_clip_items_hold_their_frames():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Clip:  # the fields of leanvlm.real_model.clips.ClipItem that documents() reads
+        frames: tuple
+        question: str
+        answer: str
+        qtype: str
+        clip_key: str
+
+    frames = tuple(Image.fromarray(np.full((8, 8, 3), 40 * t, dtype=np.uint8)) for t in range(3))
+    docs = lmms_tasks.documents([Clip(frames, "which shape appears first?", "circle", "order", "c0"),
+                                 Clip(frames, "is there a circle in any frame?", "yes", "presence", "c0")], "clips-test")
+    assert docs["leanvlm_id"] == ["clips-test-0", "clips-test-1"]
+    for doc in docs:
+        visuals = lmms_tasks.doc_to_visual(doc)
+        assert [np.asarray(v).tolist() for v in visuals] == [np.asarray(f).tolist() for f in frames]
 
 
 def test_prepared_attribute_names_a_dataset():

@@ -12,14 +12,14 @@ point adds this directory to lmms-eval's task index (`register_tasks`), or expli
 A task file names its dataset with `dataset_path: !function leanvlm.integrations.lmms_tasks.prepared_NAME`:
 reading that attribute loads `leanvlm.cli.eval.load_items(NAME)` and writes the documents to a temporary
 Arrow directory that lmms-eval opens with `load_from_disk`. So a new task is one YAML file of three lines,
-e.g. `leanvlm_clips.yaml` once `load_items("clips")` returns the clips:
+e.g. `leanvlm_clips.yaml` once `load_items("clips")` returns `leanvlm.real_model.clips` items:
 
     task: leanvlm_clips
     dataset_path: !function leanvlm.integrations.lmms_tasks.prepared_clips
     include: _leanvlm_vqa_yaml
 
-Documents: {"leanvlm_id": "easyvqa-test-17", "question", "answer", "qtype", "image_key", "images": [PIL
-images]} ("images" is a list so that a clip's frames fit the same schema). Scoring is `leanvlm eval`'s
+Documents: {"leanvlm_id": "easyvqa-test-17", "question", "answer", "qtype", "images": [PIL images]} (a VQA
+item's image, or a clip item's frames: `documents`). Scoring is `leanvlm eval`'s
 (`leanvlm.cli.eval.is_correct` on the generated answer). Besides `accuracy`, each document reports what a
 leanvlm_* model's method did on it (`visual_in`, `visual_tokens`, `flops_ratio`, `reduction_seconds`, see
 `record_doc_stats`); lmms-eval gathers these per-document values from every process and aggregates them.
@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 TASK_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -42,8 +43,9 @@ _PREPARED: dict[tuple[str, str], str] = {}
 
 # ------------------------------------------------------------------------------------------------ documents
 def prepare_dataset(dataset: str, split: str = "test") -> str:
-    """Write `load_items(dataset, split=split)` (a name or an easy-VQA-layout directory) as a `datasets.DatasetDict({"test": ...})` to a temporary
-    directory (removed at exit; once per process) and return its path, for lmms-eval's `load_from_disk`."""
+    """Write `load_items(dataset, split=split)` (a name or an easy-VQA-layout directory) as a
+    `datasets.DatasetDict({"test": documents(...)})` to a temporary directory (removed at exit; once per
+    process) and return its path, for lmms-eval's `load_from_disk`."""
     key = (dataset, split)
     if key in _PREPARED:
         return _PREPARED[key]
@@ -51,31 +53,44 @@ def prepare_dataset(dataset: str, split: str = "test") -> str:
 
     from leanvlm.cli.eval import load_items
 
-    items = load_items(dataset, None, split)
-    png: dict[str, bytes] = {}  # image_key -> PNG bytes: the questions about one image share one encoding
-    for item in items:
-        if item.image_key not in png:
-            buffer = io.BytesIO()
-            item.image.save(buffer, format="PNG")  # lossless: the decoded image equals the item's pixels
-            png[item.image_key] = buffer.getvalue()
-    features = datasets.Features({
-        "leanvlm_id": datasets.Value("string"), "question": datasets.Value("string"),
-        "answer": datasets.Value("string"), "qtype": datasets.Value("string"),
-        "image_key": datasets.Value("string"), "images": datasets.List(datasets.Image()),
-    })
-    table = datasets.Dataset.from_dict({
-        "leanvlm_id": [f"{dataset}-{split}-{i}" for i in range(len(items))],
-        "question": [it.question for it in items],
-        "answer": [it.answer for it in items],
-        "qtype": [it.qtype for it in items],
-        "image_key": [it.image_key for it in items],
-        "images": [[{"bytes": png[it.image_key], "path": None}] for it in items],
-    }, features=features)
-    directory = tempfile.mkdtemp(prefix=f"leanvlm-lmms-{os.path.basename(os.path.normpath(dataset))}-")
+    name = os.path.basename(os.path.normpath(dataset))
+    table = documents(load_items(dataset, None, split), f"{dataset}-{split}")
+    directory = tempfile.mkdtemp(prefix=f"leanvlm-lmms-{name}-")
     atexit.register(shutil.rmtree, directory, True)
     datasets.DatasetDict({"test": table}).save_to_disk(os.path.join(directory, "data"))
     _PREPARED[key] = os.path.join(directory, "data")
     return _PREPARED[key]
+
+
+def documents(items: Sequence[Any], prefix: str) -> Any:
+    """A `datasets.Dataset` of the items (a VQA item's `image`, or a clip item's `frames`, as `images`);
+    leanvlm_id = f"{prefix}-{index}". Items about one image / clip share one PNG encoding of it."""
+    import datasets
+
+    png: dict[str, list[bytes]] = {}  # image_key / clip_key -> PNG bytes of its images
+
+    def encoded(item: Any) -> list[dict[str, Any]]:
+        key = getattr(item, "image_key", None) or item.clip_key
+        if key not in png:
+            png[key] = []
+            for image in getattr(item, "frames", None) or [item.image]:
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")  # lossless: the decoded image equals the item's pixels
+                png[key].append(buffer.getvalue())
+        return [{"bytes": data, "path": None} for data in png[key]]
+
+    features = datasets.Features({
+        "leanvlm_id": datasets.Value("string"), "question": datasets.Value("string"),
+        "answer": datasets.Value("string"), "qtype": datasets.Value("string"),
+        "images": datasets.List(datasets.Image()),
+    })
+    return datasets.Dataset.from_dict({
+        "leanvlm_id": [f"{prefix}-{i}" for i in range(len(items))],
+        "question": [it.question for it in items],
+        "answer": [it.answer for it in items],
+        "qtype": [it.qtype for it in items],
+        "images": [encoded(it) for it in items],
+    }, features=features)
 
 
 def __getattr__(name: str) -> str:  # PEP 562: `prepared_NAME` is the prepared directory of dataset NAME
