@@ -32,8 +32,8 @@ import io
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 TASK_DIR = os.path.dirname(os.path.abspath(__file__))
