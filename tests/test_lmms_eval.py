@@ -147,7 +147,8 @@ class FetchingStandIn(StandIn):
         fetched = [fetch(r) for r in requests] if self.fetch_ahead else None
         out = []
         for first in range(0, len(requests), self.batch):
-            chunk = fetched[first:first + self.batch] if fetched else [fetch(r) for r in requests[first:first + self.batch]]
+            batch = requests[first:first + self.batch]
+            chunk = fetched[first:first + self.batch] if fetched else [fetch(r) for r in batch]
             inputs = build_inputs(self.processor, [("image", image) for _, image in chunk], [q for q, _ in chunk])
             ids = self.model.generate(**inputs, max_new_tokens=2, do_sample=False)
             out += self.processor.tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:])

@@ -53,8 +53,9 @@ def test_documents_of_clip_items_hold_their_frames():
         clip_key: str
 
     frames = tuple(Image.fromarray(np.full((8, 8, 3), 40 * t, dtype=np.uint8)) for t in range(3))
-    docs = lmms_tasks.documents([Clip(frames, "which shape appears first?", "circle", "order", "c0"),
-                                 Clip(frames, "is there a circle in any frame?", "yes", "presence", "c0")], "clips-test")
+    clips = [Clip(frames, "which shape appears first?", "circle", "order", "c0"),
+             Clip(frames, "is there a circle in any frame?", "yes", "presence", "c0")]
+    docs = lmms_tasks.documents(clips, "clips-test")
     assert docs["leanvlm_id"] == ["clips-test-0", "clips-test-1"]
     for doc in docs:
         visuals = lmms_tasks.doc_to_visual(doc)
@@ -158,7 +159,8 @@ def test_lmms_eval_one_and_two_processes_agree_with_leanvlm_eval(tmp_path):
 
     torch.set_num_threads(1)
     with torch.no_grad():
-        reference = evaluate(load_model(None), load_items(TASK.removeprefix("leanvlm_"), LIMIT), AIM(), batch_size=1, mode="generate")
+        items = load_items(TASK.removeprefix("leanvlm_"), LIMIT)
+        reference = evaluate(load_model(None), items, AIM(), batch_size=1, mode="generate")
 
     for out, run in runs.items():
         assert run.wait(timeout=900) == 0, (out / "log.txt").read_text()[-3000:]

@@ -328,7 +328,8 @@ def _default_device(kwargs: dict[str, Any], parameters: Mapping[str, Any]) -> No
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = str(kwargs.get("device", ""))
-    if "device_map" in parameters and "device_map" not in kwargs and device and (device.startswith("cpu") or not several):
+    wanted = device.startswith("cpu") or not several
+    if "device_map" in parameters and "device_map" not in kwargs and device and wanted:
         kwargs["device_map"] = device
 
 
