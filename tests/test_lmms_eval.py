@@ -36,7 +36,7 @@ def picture(seed: int = 0) -> Image.Image:
 def test_pyproject_declares_entry_point_and_extra():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["lmms_eval.models"] == {"leanvlm": "leanvlm.integrations.lmms_eval:manifests"}
-    assert project["optional-dependencies"]["lmms"] == ["lmms-eval==0.7.3"]
+    assert project["optional-dependencies"]["lmms"] == ["lmms-eval==0.7.3", "filelock<4"]
 
 
 def test_entry_point_is_installed():
@@ -128,3 +128,84 @@ def test_lmms_eval_discovers_and_runs_plugin(tiny_dir):
     summary = lm.leanvlm_summary()
     assert summary["samples"] == 2 and summary["visual_in"] == 16 and summary["visual_tokens"] == 8
     assert lm.model not in _ACTIVE
+
+
+class FetchingStandIn(StandIn):
+    """lmms-eval's request protocol on the tiny model: fetches a batch's documents (the request's doc_to_visual)
+    then generates the batch in one call; `fetch_ahead` fetches every document first (not attributable)."""
+
+    batch = 2
+    fetch_ahead = False
+
+    def generate_until(self, requests):
+        from leanvlm.hub import build_inputs
+
+        def fetch(request):
+            question, _, doc_to_visual, doc_id, task, split = request.args
+            return question, doc_to_visual(self.task_dict[task][split][doc_id])[0]
+
+        fetched = [fetch(r) for r in requests] if self.fetch_ahead else None
+        out = []
+        for first in range(0, len(requests), self.batch):
+            batch = requests[first:first + self.batch]
+            chunk = fetched[first:first + self.batch] if fetched else [fetch(r) for r in batch]
+            inputs = build_inputs(self.processor, [("image", image) for _, image in chunk], [q for q, _ in chunk])
+            ids = self.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            out += self.processor.tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:])
+        return out
+
+
+QUESTIONS = ["what color is the shape ?", "how many shapes are there in the picture ?", "is the shape red ?"]
+
+
+def toy_requests(questions):
+    from lmms_eval.api.instance import Instance
+
+    return [Instance("generate_until", (q, {"max_new_tokens": 2}, lambda doc: [doc["image"]], i, "toy", "test"), i,
+                     {"task": "toy", "doc_id": i, "repeats": 1}) for i, q in enumerate(questions)]
+
+
+def test_method_stats_attributed_to_documents(tiny_dir):
+    from leanvlm.integrations.lmms_tasks import DOC_STATS
+
+    def run(batch, fetch_ahead=False):
+        cls = plugin.wrap(type("Fetching", (FetchingStandIn,), {"batch": batch, "fetch_ahead": fetch_ahead}), "Wrapped")
+        lm = cls(pretrained=tiny_dir, method="aim", merge_keep=0.5, prune=False)
+        lm.task_dict = {"toy": {"test": {i: {"leanvlm_id": f"toy-test-{i}", "image": picture(i)} for i in range(3)}}}
+        for i in range(3):
+            DOC_STATS.pop(f"toy-test-{i}", None)
+        with torch.no_grad():
+            answers = lm.generate_until(toy_requests(QUESTIONS))
+        return lm, answers, {key: DOC_STATS.get(f"toy-test-{i}") for i, key in enumerate(QUESTIONS)}
+
+    alone, alone_answers, alone_stats = run(batch=1)
+    batched, batched_answers, batched_stats = run(batch=2)
+    assert len({s.base_flops for s in alone_stats.values()}) == 3  # the questions' lengths tell the documents apart
+    for question in QUESTIONS:  # each batch's samples went to its documents, in order
+        a, b = alone_stats[question], batched_stats[question]
+        assert (b.visual_in, b.visual_tokens, b.base_flops, b.method_flops) == (16, 8, a.base_flops, a.method_flops)
+        assert b.reduction_seconds > 0
+    summary = batched.leanvlm_summary()
+    assert summary["documents"] == summary["samples"] == 3 and summary["visual_tokens"] == 8
+
+    ahead, _, ahead_stats = run(batch=2, fetch_ahead=True)
+    assert all(stats is None for stats in ahead_stats.values())  # fetched ahead: counted, but in no document
+    summary = ahead.leanvlm_summary()
+    assert summary["samples"] == 3 and "documents" not in summary
+
+
+def test_bundled_and_device_defaults(monkeypatch):
+    kwargs = {"pretrained": "x"}
+    plugin._default_device(kwargs, {"pretrained": None, "device": None, "device_map": None})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert kwargs == {"pretrained": "x", "device": device, "device_map": device}
+    kept = {"device": "cpu", "device_map": "auto"}
+    plugin._default_device(kept, {"device": None, "device_map": None})
+    assert kept == {"device": "cpu", "device_map": "auto"}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    several_gpus = {"device": "cuda"}
+    plugin._default_device(several_gpus, {"device": None, "device_map": None})
+    assert several_gpus == {"device": "cuda"}  # llava_hf puts each process on its own GPU
+    no_map = {}
+    plugin._default_device(no_map, {"device": None})
+    assert no_map == {"device": device}  # only the parameters the wrapped model has
