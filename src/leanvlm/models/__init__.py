@@ -5,12 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from leanvlm.models.base import ModelAdapter
+from leanvlm.models.gemma3 import Gemma3Adapter
+from leanvlm.models.internvl import InternVLAdapter
 from leanvlm.models.llava import LlavaAdapter
+from leanvlm.models.llava_next import LlavaNextAdapter
 from leanvlm.models.llava_next_video import LlavaNextVideoAdapter
 from leanvlm.models.onevision import OneVisionAdapter
 from leanvlm.models.qwen2_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, OneVisionAdapter, LlavaNextVideoAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, OneVisionAdapter, LlavaNextVideoAdapter, QwenVLAdapter,
+                                            LlavaNextAdapter, Gemma3Adapter, InternVLAdapter)
 
 
 def supported_models() -> list[str]:
