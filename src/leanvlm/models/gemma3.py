@@ -15,8 +15,8 @@ Quirks:
   links and their sliding-window distances in the original positions. Cached decode steps carry no
   `token_type_ids` (the model's own rule: new tokens are causal).
 - Per-head q/k RMS norms before RoPE and `query_pre_attn_scalar` scaling: handled by the base `query_key`.
-- Only a dynamic KV cache works: a compileable cache makes `generate` build the masks for the unreduced
-  prompt before the forward (`cache_implementation="hybrid"` / "static" are refused with a clear error).
+- Only a dynamic KV cache works: a compileable cache ("static", "hybrid") makes `generate` build the
+  masks of the unreduced prompt before the forward; the runtime refuses it with a one-line error.
 
 Vision signals: SigLIP has no CLS token, so the mean token of the last encoder layer (whose output the
 projector pools) is the query / reference (`cls_substitute` in the stats); each LLM token's attention is
@@ -57,15 +57,6 @@ class Gemma3Adapter(GridAdapter):
         grid = values.reshape(passes, side // kernel, kernel, side // kernel, kernel, channels)
         # [passes, rows, cols, kernel x kernel, c]: the patches of one pooling window per token, raster order
         return grid.permute(0, 1, 3, 2, 4, 5).reshape(passes, (side // kernel) ** 2, kernel * kernel, channels)
-
-    def _check_mask(self, kwargs: dict[str, Any]) -> None:
-        if isinstance(kwargs.get("attention_mask"), dict):
-            raise ValueError("gemma3: generate built the attention masks for the unreduced prompt (a compileable "
-                             "KV cache); pass cache_implementation='dynamic' to generate")
-
-    def encode_visual(self, kwargs: dict[str, Any], needs: frozenset[str], probe: Any) -> list[VisualItem]:
-        self._check_mask(kwargs)
-        return super().encode_visual(kwargs, needs, probe)
 
     def rebuild_inputs(self, kwargs: dict[str, Any], items: list[VisualItem]) -> tuple[dict[str, Any], ShrunkSequence | None]:
         kwargs, shrunk = super().rebuild_inputs(kwargs, items)

@@ -1,0 +1,259 @@
+"""Coverage of LLaVA-NeXT, Gemma 3 and InternVL (issue 18, wave 2a): every method through the support-matrix
+checks of tests/test_models.py (keep-all exact, cached == uncached, batch == samples one by one), eager and
+sdpa, on the tiny models of tests/tiny_families_a.py; then what only these families have: NeXT's newline
+tokens, Gemma 3's bidirectional image attention under pre-LLM and in-LLM reduction, the signals folded like
+each projector (average pool, pixel shuffle) and InternViT's q/k-normed CLS attention.
+
+Input per family ("image" in the matrix): LLaVA-NeXT one anyres image a prompt (base tile + high-resolution
+grid); Gemma 3 two images in the first prompt, one in the second (two bidirectional blocks); InternVL a
+3-tile image in the first prompt, a 1-tile image in the second.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leanvlm
+from leanvlm.methods.aim import TokenMerge
+from leanvlm.models import get_adapter
+from leanvlm.models.vision import vision_signals
+from test_models import ATTN, GENERATE, LAYERS, METHOD_BY_NAME, METHODS, KeepEven, RecordSignals, cached
+from tiny_families import IMAGE, VISION_START, image
+from tiny_families_a import FAMILIES_A, tiles
+
+MODALITY = "image"
+
+
+def model_for(family: str, attn: str) -> torch.nn.Module:
+    return cached(("model_a", family, attn), lambda: FAMILIES_A[family].build(attn, layers=LAYERS))
+
+
+def prompts(family: str) -> list[list]:
+    if family == "llava_next":
+        return [[3, image(11, (30, 52)), 5], [1, image(12, (52, 30)), 8]]
+    if family == "gemma3":
+        return [[3, image(11), 5, image(13), 2], [1, image(12), 8]]
+    return [[3, tiles(11, 3), 5], [1, tiles(12, 1), 8]]
+
+
+def frame_tokens(family: str, model, prompt: list) -> list[int]:
+    """Visual (non-newline) tokens of every item (tile grid) of a prompt."""
+    frames = []
+    fam = FAMILIES_A[family]
+    for part in prompt:
+        if isinstance(part, int):
+            continue
+        if family != "llava_next":
+            frames += [fam.tokens_per_frame(model, part)] * part.frames
+            continue
+        single = fam.inputs(model, [[part]])
+        with torch.no_grad():
+            packed = model.model.get_image_features(pixel_values=single["pixel_values"], image_sizes=single["image_sizes"],
+                                                    return_dict=True).pooler_output[0]
+        newlines = int((packed == model.model.image_newline).all(dim=-1).sum())
+        base = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+        frames += [base, packed.shape[0] - base - newlines]
+    return frames
+
+
+def setup(family: str, method: str, attn: str):
+    fam = FAMILIES_A[family]
+    model = model_for(family, attn)
+    samples = prompts(family)
+    inputs = cached(("inputs_a", family), lambda: fam.inputs(model, samples))
+    return fam, model, samples, inputs, METHOD_BY_NAME[method]
+
+
+def alone(family: str, model, samples: list[list], row: int) -> dict[str, torch.Tensor]:
+    """Sample `row` on its own: its row of the batch's ids without padding, its own pixel inputs."""
+    fam = FAMILIES_A[family]
+    batch = fam.inputs(model, samples)
+    keep = batch["attention_mask"][row].bool()
+    out = fam.inputs(model, [samples[row]])
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        if key in batch:
+            out[key] = batch[key][row, keep][None]
+    return out
+
+
+# The full matrix is 162 tests (~2 min); the default suite runs every method once per family under one
+# attention implementation (alternating), the rest under the `matrix_full` marker (`pytest -m matrix_full`).
+ALL_CELLS = [(family, case.name, MODALITY, attn) for family in FAMILIES_A for case in METHODS for attn in ATTN]
+FAST = {(family, case.name, ATTN[(i + j) % 2]) for i, family in enumerate(FAMILIES_A) for j, case in enumerate(METHODS)}
+cells = pytest.mark.parametrize("family, method, modality, attn", [
+    cell if (cell[0], cell[1], cell[3]) in FAST else pytest.param(*cell, marks=pytest.mark.matrix_full)
+    for cell in ALL_CELLS])
+
+
+@pytest.mark.support_matrix
+@cells
+def test_logits_and_token_counts(family, method, modality, attn):
+    fam, model, samples, inputs, case = setup(family, method, attn)
+    plain = cached(("logits_a", family, attn), lambda: model(**inputs).logits)
+    applied = case.make()
+    with applied.apply(model):
+        logits = model(**inputs).logits
+    if case.changes:
+        assert not torch.allclose(logits[:, -1], plain[:, -1], atol=1e-4)
+    else:
+        torch.testing.assert_close(logits, plain, atol=1e-5, rtol=0)
+    for row, sample in enumerate(applied.stats.samples):
+        frames = cached(("frames_a", family, row), lambda: frame_tokens(family, model, samples[row]))
+        assert sample.visual_in == sum(frames)
+        if case.layer_visual is not None:
+            assert sample.layer_visual_tokens == case.layer_visual(frames, LAYERS)
+        else:
+            counts = sample.layer_visual_tokens
+            assert counts[0] <= sum(frames) and all(b <= a for a, b in zip(counts, counts[1:]))
+
+
+@pytest.mark.support_matrix
+@cells
+def test_cached_decode_equals_uncached(family, method, modality, attn):
+    fam, model, samples, inputs, case = setup(family, method, attn)
+    applied = case.make()
+    with applied.apply(model):
+        with_cache = model.generate(**inputs, max_new_tokens=8, **GENERATE)
+        without = model.generate(**inputs, max_new_tokens=8, use_cache=False, **GENERATE)
+    assert torch.equal(with_cache.sequences, without.sequences)
+    for a, b in zip(with_cache.logits, without.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    plain = cached(("generate_a", family, attn), lambda: model.generate(**inputs, max_new_tokens=8, **GENERATE))
+    if case.changes:
+        assert not torch.allclose(plain.logits[0], with_cache.logits[0], atol=1e-4)
+    else:
+        assert torch.equal(plain.sequences, with_cache.sequences)
+
+
+@pytest.mark.support_matrix
+@cells
+def test_batch_equals_samples_one_by_one(family, method, modality, attn):
+    fam, model, samples, inputs, case = setup(family, method, attn)
+    applied = case.make()
+    with applied.apply(model):
+        batch_logits = model(**inputs).logits[:, -1]
+        batch_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, -4:]
+        for row in range(len(samples)):
+            single = cached(("alone_a", family, row), lambda: alone(family, model, samples, row))
+            torch.testing.assert_close(model(**single).logits[:, -1], batch_logits[row:row + 1], atol=1e-4, rtol=1e-4)
+            assert model.generate(**single, max_new_tokens=4, do_sample=False)[0, -4:].tolist() == batch_tokens[row].tolist()
+
+
+def test_methods_restore_the_model_on_exit():
+    """After every method's `with` block, each family's model gives its plain logits again (no hook left)."""
+    for family in FAMILIES_A:
+        model = model_for(family, "sdpa")
+        inputs = FAMILIES_A[family].inputs(model, prompts(family))
+        plain = model(**inputs).logits
+        for case in METHODS:
+            with case.make().apply(model):
+                model(**inputs)
+            assert not model.model._forward_pre_hooks and "generate" not in vars(model)
+            torch.testing.assert_close(model(**inputs).logits, plain, atol=0, rtol=0)
+
+
+# --- family specifics ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", list(FAMILIES_A))
+def test_identity_pre_llm_stage_rebuilds_the_exact_input(family):
+    model = model_for(family, "sdpa")
+    inputs = FAMILIES_A[family].inputs(model, prompts(family))
+    plain = model(**inputs).logits
+    with leanvlm.Compose(pre=[TokenMerge(keep=1.0)]).apply(model):
+        torch.testing.assert_close(model(**inputs).logits, plain, atol=1e-5, rtol=0)
+
+
+def test_llava_next_newlines_are_protected_and_rebuilt_at_row_ends():
+    model = model_for("llava_next", "sdpa")
+    inputs = FAMILIES_A["llava_next"].inputs(model, prompts("llava_next"))
+    adapter = get_adapter(model)
+    newline = model.model.image_newline
+    embeds = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: embeds.append(kwargs["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    is_newline = (embeds[0] == newline).all(dim=-1)
+    assert int(is_newline.sum()) > 0
+    assert torch.equal(adapter.protected_placeholders(inputs, None), is_newline)
+    items = [TokenMerge(0.25).reduce(item) for item in adapter.encode_visual(inputs, frozenset(), None)]
+    assert [item.grid for item in items[:1]] == [(6, 6)] and len(items) == 4  # base + grid, per image
+    rebuilt, _ = adapter.rebuild_inputs(inputs, items)
+    assert int(adapter.protected_placeholders(rebuilt, items).sum()) == int(is_newline.sum())
+    hires = items[1]
+    packed = rebuilt["mm_encoder_outputs"]["image"].pooler_output[0][items[0].num_tokens:]
+    flags = (packed == newline).all(dim=-1)
+    assert int(flags.sum()) == hires.grid[0] and bool(flags[-1])
+    row_of_slot = torch.cumsum(flags.long(), 0) - flags.long()
+    assert torch.equal(row_of_slot[~flags], hires.origin[0] // hires.grid[1])
+
+
+def gemma_by_hand(model, inputs, keep: torch.Tensor, bidirectional: bool = True) -> torch.Tensor:
+    """Gemma 3 on the kept positions keep [L] of a one-sample input, image features scattered by hand, the
+    model's own masks built from the kept token_type_ids. -> last-token logits [1, V]."""
+    mm = model.model
+    ids = inputs["input_ids"]
+    embeds = mm.get_input_embeddings()(ids)
+    features = mm.get_image_features(inputs["pixel_values"], return_dict=True).pooler_output
+    embeds[ids == IMAGE] = features.reshape(-1, features.shape[-1])
+    types = inputs["token_type_ids"][:, keep] if bidirectional else None
+    return model(inputs_embeds=embeds[:, keep], token_type_ids=types).logits[:, -1]
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_gemma3_pre_llm_shrink_keeps_each_image_bidirectional(attn):
+    """Keeping every other token of each image equals running the model on the kept tokens with their own
+    token_type_ids (each image still one bidirectional block), and differs from a causal-only run."""
+    model = model_for("gemma3", attn)
+    inputs = FAMILIES_A["gemma3"].inputs(model, [[3, image(61), 4, image(62), 3]])
+    ids = inputs["input_ids"][0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    slots = (ids == IMAGE).nonzero().squeeze(1).view(2, 16)
+    keep[slots[:, 1::2].reshape(-1)] = False
+    with torch.no_grad():
+        expected = gemma_by_hand(model, inputs, keep)
+        causal = gemma_by_hand(model, inputs, keep, bidirectional=False)
+    assert not torch.allclose(expected, causal, atol=1e-4)
+    method = leanvlm.Compose(pre=[KeepEven()])
+    with method.apply(model):
+        logits = model(**inputs).logits[:, -1]
+        generated = model.generate(**inputs, max_new_tokens=1, **GENERATE)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(generated.logits[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_gemma3_in_llm_drop_keeps_the_bidirectional_mask(attn):
+    """After FastV's drop at layer 1 the later layers' masks over the kept tokens are exactly the model's
+    rule on their original positions: causal, or both in one image (bidirectional), and in the sliding
+    layers also within the window."""
+    model = model_for("gemma3", attn)
+    inputs = FAMILIES_A["gemma3"].inputs(model, [[3, image(63), 4, image(64), 3]])
+    seen = {}
+    with leanvlm.FastV(layer=1, keep=0.5).apply(model) as applied:
+        hooks = [layer.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: seen.__setitem__(i, kwargs["attention_mask"]), with_kwargs=True)
+            for i, layer in enumerate(model.model.language_model.layers)]
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        index = applied.session.decisions[1][0]  # [N_kept] original positions of the slots after layer 1
+    ids = inputs["input_ids"][0]
+    image_of = torch.where(ids == IMAGE, torch.cumsum((ids == VISION_START).long(), 0), 0)[index]  # 0 = text
+    query, key = index[:, None], index[None, :]
+    same_image = (image_of[:, None] == image_of[None, :]) & (image_of[:, None] > 0)
+    assert bool((same_image & (key > query)).any())  # there are links to later tokens to keep
+    window = model.config.text_config.sliding_window
+    assert ids.numel() > window  # the sliding layers' window matters here
+    for layer in (2, 3):
+        mask = seen[layer][0, 0]
+        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        expected = (key <= query) | same_image
+        if model.config.text_config.layer_types[layer] == "sliding_attention":
+            expected &= key > query - window
+        assert allowed.shape == (index.numel(), index.numel()) and index.numel() < ids.numel()
+        assert torch.equal(allowed, expected)
