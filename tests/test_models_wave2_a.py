@@ -77,17 +77,26 @@ def alone(family: str, model, samples: list[list], row: int) -> dict[str, torch.
     return out
 
 
-# The full matrix is 162 tests (~2 min); the default suite runs every method once per family under one
-# attention implementation (alternating), the rest under the `matrix_full` marker (`pytest -m matrix_full`).
+# The full matrix is 162 tests (~90 s on one core). By default: the logits check of every (family, method)
+# under one attention implementation (alternating), the cache and batch checks of every other pair (so
+# every method meets both checks on some family); the rest carries `matrix_full` (`pytest -m matrix_full`,
+# run by CI; `-m support_matrix` runs them all).
 ALL_CELLS = [(family, case.name, MODALITY, attn) for family in FAMILIES_A for case in METHODS for attn in ATTN]
-FAST = {(family, case.name, ATTN[(i + j) % 2]) for i, family in enumerate(FAMILIES_A) for j, case in enumerate(METHODS)}
-cells = pytest.mark.parametrize("family, method, modality, attn", [
-    cell if (cell[0], cell[1], cell[3]) in FAST else pytest.param(*cell, marks=pytest.mark.matrix_full)
-    for cell in ALL_CELLS])
+PAIRS = [(i, j, family, case.name) for i, family in enumerate(FAMILIES_A) for j, case in enumerate(METHODS)]
+FAST = {
+    "logits": {(family, method, ATTN[(i + j) % 2]) for i, j, family, method in PAIRS},
+    "generate": {(family, method, ATTN[(i + j) // 2 % 2]) for i, j, family, method in PAIRS if (i + j) % 2 == 0},
+}
+
+
+def cells(check: str):
+    return pytest.mark.parametrize("family, method, modality, attn", [
+        cell if (cell[0], cell[1], cell[3]) in FAST[check] else pytest.param(*cell, marks=pytest.mark.matrix_full)
+        for cell in ALL_CELLS])
 
 
 @pytest.mark.support_matrix
-@cells
+@cells("logits")
 def test_logits_and_token_counts(family, method, modality, attn):
     fam, model, samples, inputs, case = setup(family, method, attn)
     plain = cached(("logits_a", family, attn), lambda: model(**inputs).logits)
@@ -109,7 +118,7 @@ def test_logits_and_token_counts(family, method, modality, attn):
 
 
 @pytest.mark.support_matrix
-@cells
+@cells("generate")
 def test_cached_decode_equals_uncached(family, method, modality, attn):
     fam, model, samples, inputs, case = setup(family, method, attn)
     applied = case.make()
@@ -127,7 +136,7 @@ def test_cached_decode_equals_uncached(family, method, modality, attn):
 
 
 @pytest.mark.support_matrix
-@cells
+@cells("generate")
 def test_batch_equals_samples_one_by_one(family, method, modality, attn):
     fam, model, samples, inputs, case = setup(family, method, attn)
     applied = case.make()
@@ -141,12 +150,13 @@ def test_batch_equals_samples_one_by_one(family, method, modality, attn):
 
 
 def test_methods_restore_the_model_on_exit():
-    """After every method's `with` block, each family's model gives its plain logits again (no hook left)."""
-    for family in FAMILIES_A:
+    """After a method's `with` block the model gives its plain logits again, no hook or generate left (each
+    method on one family, in rotation)."""
+    for i, family in enumerate(FAMILIES_A):
         model = model_for(family, "sdpa")
         inputs = FAMILIES_A[family].inputs(model, prompts(family))
         plain = model(**inputs).logits
-        for case in METHODS:
+        for case in METHODS[i::len(FAMILIES_A)]:
             with case.make().apply(model):
                 model(**inputs)
             assert not model.model._forward_pre_hooks and "generate" not in vars(model)
@@ -257,3 +267,98 @@ def test_gemma3_in_llm_drop_keeps_the_bidirectional_mask(attn):
             expected &= key > query - window
         assert allowed.shape == (index.numel(), index.numel()) and index.numel() < ids.numel()
         assert torch.equal(allowed, expected)
+
+
+# --- vision signals ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", list(FAMILIES_A))
+def test_vision_signals_per_item_in_forward_and_generate(family):
+    """Every item (tile grid) gets one signal per token; generate (which encodes before the first forward)
+    hands the stages the same signals as a plain forward; towers without CLS say so."""
+    model = model_for(family, "sdpa")
+    inputs = FAMILIES_A[family].inputs(model, prompts(family))
+    forward_stage, generate_stage = RecordSignals(seen=[]), RecordSignals(seen=[])
+    with leanvlm.Compose(pre=[forward_stage]).apply(model):
+        model(**inputs)
+    with leanvlm.Compose(pre=[generate_stage]).apply(model):
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert len(forward_stage.seen) == len(generate_stage.seen) == len(frame_tokens(family, model, prompts(family)[0])) + \
+        len(frame_tokens(family, model, prompts(family)[1]))
+    for a, b in zip(forward_stage.seen, generate_stage.seen):
+        tokens = a.frames[0].shape[0]
+        for name in ("cls_attention", "cls_similarity"):
+            assert a.signals[name].shape == (1, tokens)
+            torch.testing.assert_close(a.signals[name], b.signals[name])
+        assert a.signals["keys"].shape[:2] == (1, tokens)
+        torch.testing.assert_close(a.signals["keys"], b.signals["keys"])
+        assert ("cls_substitute" in a.info) == (family == "gemma3")  # SigLIP: mean token; CLIP, InternViT: CLS
+
+
+@pytest.mark.parametrize("family, kernel", [("gemma3", 2), ("internvl", 2)])
+def test_signals_fold_the_patches_each_token_is_made_of(family, kernel):
+    """The fold groups, for LLM token (r, c) of the s x s grid, exactly the patches of the k x k block at
+    (k r .. k r + k - 1, k c .. k c + k - 1): the model's own pooling / pixel-shuffle grouping."""
+    model = model_for(family, "sdpa")
+    adapter = get_adapter(model)
+    side = 8  # patches per side of the tiny towers
+    index = torch.arange(side * side, dtype=torch.float)[None, :, None]  # [1, P*P, 1]: each patch's raster index
+    folded = adapter._fold(index)[0, :, :, 0]  # [T, k*k]
+    rows, cols = torch.div(folded, side, rounding_mode="floor"), folded % side
+    tokens = side // kernel
+    token_row = torch.arange(tokens * tokens)[:, None] // tokens
+    token_col = torch.arange(tokens * tokens)[:, None] % tokens
+    assert torch.equal(rows // kernel, token_row.expand_as(rows).float())
+    assert torch.equal(cols // kernel, token_col.expand_as(cols).float())
+    assert all(len(set(group.tolist())) == kernel * kernel for group in folded)
+    if family == "internvl":  # the model's pixel shuffle puts exactly those patches' channels into one token
+        values = torch.randn(1, side * side, 3)
+        shuffled = model.model.pixel_shuffle(values.view(1, side, side, 3)).reshape(1, tokens * tokens, -1)
+        gathered = values[0, folded.long()].reshape(tokens * tokens, -1)
+        torch.testing.assert_close(shuffled[0], gathered)
+
+
+def test_internvl_cls_attention_is_the_towers_own_attention():
+    """With InternViT's q/k norms on, the CLS attention signal equals the eager tower's attention
+    probabilities of its CLS query (head mean, CLS column dropped), summed over each token's 2 x 2 block."""
+    model = model_for("internvl", "eager")
+    adapter = get_adapter(model)
+    inputs = FAMILIES_A["internvl"].inputs(model, prompts("internvl"))
+    assert model.config.vision_config.use_qk_norm
+    probe = adapter.install_vision_probe()
+    try:
+        with torch.no_grad():
+            tower = model.model.vision_tower(pixel_values=inputs["pixel_values"], output_attentions=True)
+            signals = vision_signals(probe, frozenset({"cls_attention"}), True, 1)["cls_attention"]
+            folded = adapter._signals(probe, frozenset({"cls_attention"}), inputs)["cls_attention"]
+    finally:
+        probe.remove()
+    own = tower.attentions[-1].mean(dim=1)[:, 0, 1:]  # [tiles, patches]
+    torch.testing.assert_close(signals, own, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(folded, adapter._fold(own[..., None]).sum(dim=2)[..., 0], atol=1e-5, rtol=1e-4)
+    assert folded.shape == (inputs["pixel_values"].shape[0], 16)
+
+
+def test_gemma3_similarity_signal_matches_the_projector_pool():
+    """cls_similarity per token = the mean over its pooling window of the patch outputs' cosine with the
+    mean output (SigLIP has no CLS), pooled with the projector's own AvgPool2d."""
+    model = model_for("gemma3", "sdpa")
+    adapter = get_adapter(model)
+    inputs = FAMILIES_A["gemma3"].inputs(model, prompts("gemma3"))
+    probe = adapter.install_vision_probe()
+    try:
+        with torch.no_grad():
+            model.model.get_image_features(inputs["pixel_values"], return_dict=True)
+            signal = adapter._signals(probe, frozenset({"cls_similarity"}), inputs)["cls_similarity"]
+            output = probe.capture()[2]
+    finally:
+        probe.remove()
+    cosine = torch.cosine_similarity(output, output.mean(dim=1, keepdim=True), dim=-1)  # [images, 64]
+    pooled = model.model.multi_modal_projector.avg_pool(cosine.view(-1, 1, 8, 8)).flatten(1)
+    torch.testing.assert_close(signal, pooled)
+
+
+def test_compileable_cache_is_refused_in_one_line():
+    model = model_for("gemma3", "sdpa")
+    inputs = FAMILIES_A["gemma3"].inputs(model, prompts("gemma3"))
+    with leanvlm.FastV(layer=1, keep=0.5).apply(model):
+        with pytest.raises(ValueError, match="cache_implementation='dynamic'"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
