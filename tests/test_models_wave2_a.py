@@ -362,3 +362,40 @@ def test_compileable_cache_is_refused_in_one_line():
     with leanvlm.FastV(layer=1, keep=0.5).apply(model):
         with pytest.raises(ValueError, match="cache_implementation='dynamic'"):
             model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+# --- FLOPs presets ---------------------------------------------------------------------------------------
+def _published_configs() -> dict[str, object]:
+    """The three checkpoints' configs, written from their published config.json numbers (no download)."""
+    from transformers import (CLIPVisionConfig, Gemma3Config, Gemma3TextConfig, InternVLConfig, InternVLVisionConfig,
+                              LlamaConfig, LlavaNextConfig, Qwen2Config, SiglipVisionConfig)
+
+    return {
+        "llava-next-7b": LlavaNextConfig(
+            vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                           num_attention_heads=16, image_size=336, patch_size=14),
+            text_config=LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                    num_attention_heads=32, num_key_value_heads=32, vocab_size=32064)),
+        "internvl3-8b": InternVLConfig(
+            vision_config=InternVLVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                               num_attention_heads=16, image_size=[448, 448], patch_size=[14, 14]),
+            text_config=Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                    num_attention_heads=28, num_key_value_heads=4, vocab_size=151674)),
+        "gemma-3-4b": Gemma3Config(
+            vision_config=SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                             num_attention_heads=16, image_size=896, patch_size=14),
+            text_config=Gemma3TextConfig(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                         num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                         vocab_size=262208),
+            mm_tokens_per_image=256),
+    }
+
+
+@pytest.mark.parametrize("name", ["llava-next-7b", "internvl3-8b", "gemma-3-4b"])
+def test_flops_presets_equal_what_the_config_reader_makes_of_the_published_configs(name):
+    from leanvlm.flops import PRESETS, flops, preset_from_config
+
+    preset, expected = preset_from_config(_published_configs()[name]), PRESETS[name]
+    assert (preset.llm, preset.vision, preset.image_tokens) == (expected.llm, expected.vision, expected.image_tokens)
+    report = flops(name, image=True, method="fastv")
+    assert 1 < report.ratio < 3  # FastV keeps half the visual tokens after layer 2: a saving, bounded
