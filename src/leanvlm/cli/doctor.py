@@ -23,6 +23,8 @@ FAMILIES: dict[str, str] = {
     "LLaVA-OneVision / LLaVA-Video": "LlavaOnevisionForConditionalGeneration",
     "Qwen2-VL": "Qwen2VLForConditionalGeneration",
     "Qwen2.5-VL": "Qwen2_5_VLForConditionalGeneration",
+    "Gemma 3": "Gemma3ForConditionalGeneration",
+    "InternVL (-hf)": "InternVLForConditionalGeneration",
 }
 
 
