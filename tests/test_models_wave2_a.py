@@ -399,3 +399,24 @@ def test_flops_presets_equal_what_the_config_reader_makes_of_the_published_confi
     assert (preset.llm, preset.vision, preset.image_tokens) == (expected.llm, expected.vision, expected.image_tokens)
     report = flops(name, image=True, method="fastv")
     assert 1 < report.ratio < 3  # FastV keeps half the visual tokens after layer 2: a saving, bounded
+
+
+# --- transformers contract (runtime.engine's sliding-window decode masks) ----------------------------------
+def test_contract_sliding_cache_layers_keep_their_last_window_minus_one_tokens():
+    """compat.sliding_window_of finds each cache layer's window, and such a layer keeps exactly its last
+    W - 1 tokens (the runtime's decode mask in a layer after an in-LLM drop assumes both)."""
+    from leanvlm.compat import cache_of, sliding_window_of
+
+    model = model_for("gemma3", "sdpa")
+    inputs = FAMILIES_A["gemma3"].inputs(model, [[3, image(65), 4, image(66), 3]])
+    with torch.no_grad():
+        cache = cache_of(model(**inputs, use_cache=True))
+    window = model.config.text_config.sliding_window
+    layer_types = model.config.text_config.layer_types
+    assert [sliding_window_of(cache, i) for i in range(LAYERS)] == [
+        window if kind == "sliding_attention" else None for kind in layer_types]
+    length = inputs["input_ids"].shape[1]
+    assert length > window
+    for i, kind in enumerate(layer_types):
+        assert cache.layers[i].keys.shape[-2] == (window - 1 if kind == "sliding_attention" else length)
+    assert sliding_window_of(None, 0) is None
