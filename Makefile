@@ -10,7 +10,8 @@ LMMS_DEPS := evaluate loguru pytz decord accelerate
 OLDEST_TRANSFORMERS := 5.20.0
 OLD_VENV := .venv-oldest
 # the runtime, every model family and the transformers contract tests
-OLDEST_TESTS := tests/test_contract.py tests/test_phases.py tests/test_runtime_llava.py tests/test_models.py
+OLDEST_TESTS := tests/test_contract.py tests/test_phases.py tests/test_runtime_llava.py tests/test_models.py \
+	tests/test_models_wave2_a.py
 
 .PHONY: setup demo test test-oldest bench sweep clean
 
