@@ -76,8 +76,8 @@ def render(results: list[dict]) -> str:
         "implementation tested (" + ", ".join(f"`{a}`" for a in attns) + "), ❌ with the failed "
         "implementation and checks otherwise, and empty when the family takes no such input. Inputs: `image` = "
         "one image a prompt (Gemma 3: two images in the first prompt, one in the second; InternVL: a 3-tile and "
-        "a 1-tile image; see tests/test_models_wave2_a.py), `video` = one video a prompt, `mixed` = a batch mixing an image+video prompt with a "
-        "video prompt. Methods: " + ", ".join(f"`{m}`" for m in methods) + " (see tests/test_models.py `METHODS`).",
+        "a 1-tile image; see tests/test_models_wave2_a.py), `video` = one video a prompt, `mixed` = a batch "
+        "mixing an image+video prompt with a video prompt. Methods: " + ", ".join(f"`{m}`" for m in methods) + " (see tests/test_models.py `METHODS`).",
         "",
         "Checks:",
         *[f"- {name}: {text}" for name, text in CHECKS.values()],

@@ -48,7 +48,7 @@ class _GridFamily(Family):
     """Families with one fixed token grid per image / tile; `Visual.frames` = tiles of an image (InternVL)."""
 
     videos = mixed = False
-    side = 16
+    side = 16  # image / tile side in pixels
     type_ids = False  # also return token_type_ids (1 on image tokens)
 
     def _config(self, layers: int):
@@ -61,7 +61,9 @@ class _GridFamily(Family):
         return _finish(self.model_class(config), attn)
 
     def tokens_per_frame(self, model, visual: Visual) -> int:
-        return 16
+        """LLM tokens of one image (Gemma 3) / tile (InternVL), as the config says."""
+        config = model.config
+        return int(getattr(config, "mm_tokens_per_image", None) or config.image_seq_length)
 
     def inputs(self, model, prompts: list[list], seed: int = 0) -> dict[str, torch.Tensor]:
         rows, pixels = [], []
@@ -100,17 +102,16 @@ class Gemma3(_GridFamily):
                                 num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=1024,
                                 pad_token_id=PAD, initializer_range=0.2, query_pre_attn_scalar=16,
                                 sliding_window=self.sliding_window,
-                                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
-        config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=IMAGE,
-                              boi_token_index=VISION_START, eoi_token_index=VISION_END, tie_word_embeddings=False)
-        return config
+                                layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)])
+        return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=IMAGE,
+                            boi_token_index=VISION_START, eoi_token_index=VISION_END, tie_word_embeddings=False)
 
     def build(self, attn: str = "sdpa", layers: int = 4, seed: int = 0):
         model = super().build(attn, layers, seed)
         # random init leaves the projector at zero (all image features equal): give it random weights
         with torch.no_grad():
-            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.5,
-                                                                                 generator=torch.Generator().manual_seed(seed))
+            weight = model.model.multi_modal_projector.mm_input_projection_weight
+            weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
         return model
 
 
