@@ -420,3 +420,27 @@ def test_contract_sliding_cache_layers_keep_their_last_window_minus_one_tokens()
     for i, kind in enumerate(layer_types):
         assert cache.layers[i].keys.shape[-2] == (window - 1 if kind == "sliding_attention" else length)
     assert sliding_window_of(None, 0) is None
+
+
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_gemma3_global_layers_only_after_the_drop(method):
+    """Layers 0-2 sliding, layer 3 global (as in the real model, whose first global layer is the 6th): the
+    model sizes its global mask by layer 3's cache, which holds only the kept tokens; cached decoding past
+    the window still equals uncached, and a batch equals its samples."""
+    from tiny_families_a import Gemma3
+
+    late = Gemma3()
+    late.global_every = LAYERS
+    model = cached(("model_a", "gemma3_late_global"), lambda: late.build("sdpa", layers=LAYERS))
+    assert model.config.text_config.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    samples = prompts("gemma3")
+    inputs = late.inputs(model, samples)
+    applied = METHOD_BY_NAME[method].make()
+    with applied.apply(model):
+        with_cache = model.generate(**inputs, max_new_tokens=8, **GENERATE)
+        without = model.generate(**inputs, max_new_tokens=8, use_cache=False, **GENERATE)
+        single = model.generate(**alone("gemma3", model, samples, 1), max_new_tokens=8, do_sample=False)
+    assert torch.equal(with_cache.sequences, without.sequences)
+    for a, b in zip(with_cache.logits, without.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert single[0, -8:].tolist() == with_cache.sequences[1, -8:].tolist()

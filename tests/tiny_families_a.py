@@ -94,6 +94,7 @@ class Gemma3(_GridFamily):
     side = GEMMA_SIDE
     type_ids = True
     sliding_window = 24
+    global_every = 2  # layer i is global when (i + 1) % global_every == 0 (the real 4B: every 6th)
 
     def _config(self, layers: int):
         vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -102,7 +103,8 @@ class Gemma3(_GridFamily):
                                 num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=1024,
                                 pad_token_id=PAD, initializer_range=0.2, query_pre_attn_scalar=16,
                                 sliding_window=self.sliding_window,
-                                layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)])
+                                layer_types=["full_attention" if (i + 1) % self.global_every == 0 else "sliding_attention"
+                                             for i in range(layers)])
         return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=IMAGE,
                             boi_token_index=VISION_START, eoi_token_index=VISION_END, tie_word_embeddings=False)
 

@@ -42,7 +42,7 @@ from leanvlm.compat import cache_length, find_cache, sliding_window_of
 from leanvlm.models import get_adapter
 from leanvlm.ops.select import FILLER, gather_slots, pack_right, top_k_mask
 from leanvlm.runtime.context import LayerContext, TokenLayout
-from leanvlm.runtime.masks import reduced_attention_mask, windowed_decode_mask
+from leanvlm.runtime.masks import decode_mask, reduced_attention_mask
 from leanvlm.runtime.stages import LLMStage, check_layer
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 from leanvlm.stats import ReductionStats, build_stats, visual_depth
@@ -387,7 +387,10 @@ class AppliedMethod:
                 # the layer's cache kept only its last window - 1 slots (and attends to them + the new tokens);
                 # every key the window rule allows is among them, as slots are in position order
                 cols = cols[:, -(min(cols.shape[1] - num_queries, window - 1) + num_queries):]
-                fwd.overrides[key] = {"attention_mask": windowed_decode_mask(base, rows_orig, cols, window)}
+            if window is not None or (base is not None and base.shape[-1] != total):
+                # the model sized `base` for another cache layer (Gemma 3: the first global layer may come
+                # after the drop) or for the unreduced window: build the mask from positions
+                fwd.overrides[key] = {"attention_mask": decode_mask(base, rows_orig, cols, window)}
             elif base is None and not (kept == FILLER).any():
                 fwd.overrides[key] = None  # every cached key is attended: the model's own (None) mask fits
             else:
