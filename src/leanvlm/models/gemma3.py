@@ -13,7 +13,9 @@ Quirks:
   contiguous block that attends to itself bidirectionally. In-LLM drops gather the model's own per-layer
   masks (one for the sliding, one for the global layers), so kept image tokens keep their bidirectional
   links and their sliding-window distances in the original positions. Cached decode steps carry no
-  `token_type_ids` (the model's own rule: new tokens are causal).
+  `token_type_ids` (the model's own rule: new tokens are causal); after an in-LLM drop the runtime masks
+  them from positions, because a sliding layer's cache keeps only its last W - 1 (kept) tokens and the
+  model sizes each mask by the first layer of its type, which may hold every token (see runtime.masks).
 - Per-head q/k RMS norms before RoPE and `query_pre_attn_scalar` scaling: handled by the base `query_key`.
 - Only a dynamic KV cache works: a compileable cache ("static", "hybrid") makes `generate` build the
   masks of the unreduced prompt before the forward; the runtime refuses it with a one-line error.
