@@ -12,7 +12,7 @@ OLDEST_TRANSFORMERS := 5.20.0
 OLD_VENV := .venv-oldest
 # the runtime, every model family and the transformers contract tests
 OLDEST_TESTS := tests/test_contract.py tests/test_phases.py tests/test_runtime_llava.py tests/test_models.py \
-	tests/test_models_wave2_b.py
+	tests/test_models_wave2_a.py tests/test_models_wave2_b.py
 
 .PHONY: setup demo test test-oldest bench sweep clean
 

@@ -1,8 +1,8 @@
-"""Write docs/support_matrix.md from the outcomes of the coverage tests (tests/test_models.py).
+"""Write docs/support_matrix.md from the outcomes of the coverage tests (TEST_FILES).
 
     python scripts/support_matrix.py                     # run the tests, then write the page
     python scripts/support_matrix.py --from-json R.json  # render results of an earlier run:
-        LEANVLM_FULL_MATRIX=1 pytest tests/test_models.py tests/test_models_wave2_b.py --support-matrix R.json
+        LEANVLM_FULL_MATRIX=1 pytest TEST_FILES -m support_matrix --support-matrix R.json
 
 Nothing in the table is typed by hand: every cell is the outcome of the `support_matrix` tests of one
 (model family, method, input modality, attention implementation).
@@ -33,9 +33,9 @@ CHECKS = {
 }
 
 
-#: the coverage test files (each family group in its own file); LEANVLM_FULL_MATRIX=1 makes those with a fast
-#: default subset run every cell
-TEST_FILES = ("test_models.py", "test_models_wave2_b.py")
+#: the files whose `support_matrix` tests fill the table (each family's builders in its tiny_families* file);
+#: LEANVLM_FULL_MATRIX=1 makes files with a fast default subset run every cell
+TEST_FILES = ("test_models.py", "test_models_wave2_a.py", "test_models_wave2_b.py")
 
 
 def run_tests(path: Path) -> int:
@@ -49,10 +49,11 @@ def render(results: list[dict]) -> str:
     import transformers
 
     from test_models import METHODS
-    from tiny_families import FAMILIES as FIRST
+    from tiny_families import FAMILIES as WAVE1
+    from tiny_families_a import FAMILIES_A
     from tiny_families_b import FAMILIES_B
 
-    FAMILIES = {**FIRST, **FAMILIES_B}
+    FAMILIES = {**WAVE1, **FAMILIES_A, **FAMILIES_B}
 
     cells: dict[tuple, list[str]] = defaultdict(list)  # (family, modality, method, attn) -> failed checks
     seen: set[tuple] = set()
@@ -77,8 +78,9 @@ def render(results: list[dict]) -> str:
         "A cell is ✅ when every check passed for that model class, method and input under every attention "
         "implementation tested (" + ", ".join(f"`{a}`" for a in attns) + "), ❌ with the failed "
         "implementation and checks otherwise, and empty when the family takes no such input. Inputs: `image` = "
-        "one image a prompt, `video` = one video a prompt, `mixed` = a batch mixing an image+video prompt with a "
-        "video prompt. Methods: " + ", ".join(f"`{m}`" for m in methods) + " (see tests/test_models.py `METHODS`).",
+        "one image a prompt (Gemma 3: two images in the first prompt, one in the second; InternVL: a 3-tile and "
+        "a 1-tile image; see tests/test_models_wave2_a.py), `video` = one video a prompt, `mixed` = a batch "
+        "mixing an image+video prompt with a video prompt. Methods: " + ", ".join(f"`{m}`" for m in methods) + " (see tests/test_models.py `METHODS`).",
         "",
         "Checks:",
         *[f"- {name}: {text}" for name, text in CHECKS.values()],

@@ -55,3 +55,15 @@ def pytest_sessionfinish(session, exitstatus):
     if path and _matrix_results:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(_matrix_results, indent=1))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`matrix_full` cells (the support matrix beyond the default subset) run only when asked for by marker:
+    `pytest -m matrix_full` (CI) or `-m support_matrix` (scripts/support_matrix.py)."""
+    expression = config.getoption("markexpr") or ""
+    if "matrix_full" in expression or "support_matrix" in expression:
+        return
+    selected = [item for item in items if item.get_closest_marker("matrix_full") is None]
+    if len(selected) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("matrix_full")])
+        items[:] = selected

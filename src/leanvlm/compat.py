@@ -57,6 +57,15 @@ def cache_length(cache: Cache | None) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
+def sliding_window_of(cache: Cache | None, layer: int) -> int | None:
+    """The window W of a cache layer that keeps only its last W - 1 tokens (a sliding-window attention
+    layer of a dynamic cache), or None for a layer that keeps every token."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer >= len(layers) or not getattr(layers[layer], "is_sliding", False):
+        return None
+    return int(layers[layer].sliding_window)
+
+
 def without_cache_arguments(function: Callable[..., Any], values: dict[str, Any]) -> dict[str, Any]:
     """The entries of `values` that `function` accepts as parameters, minus any that hold a Cache.
 

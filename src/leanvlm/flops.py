@@ -57,7 +57,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from leanvlm.ops.merge import merge_schedule
@@ -188,8 +188,10 @@ class VisionShape:
     @classmethod
     def _from_vit(cls, config: Any, vision: Any, image_size: int | None) -> VisionShape:
         hidden = int(_get(vision, "hidden_size"))
-        patch = int(_get(vision, "patch_size"))
-        side = int(image_size or _get(vision, "image_size")) // patch
+        # InternViT writes square sizes as [h, w]
+        patch, size = (_get(vision, name) for name in ("patch_size", "image_size"))
+        patch = int(patch[0] if isinstance(patch, Sequence) else patch)
+        side = int(image_size or (size[0] if isinstance(size, Sequence) else size)) // patch
         model_type = str(_get(vision, "model_type", default=""))
         cls_tokens = 1 if "clip" in model_type and "siglip" not in model_type else 0
         feature_layer = _get(config, "vision_feature_layer", default=-1)
@@ -308,6 +310,15 @@ def preset_from_config(config: Any, image_size: int | None = None, name: str | N
         group = int(_get(_get(config, "vision_config"), "temporal_patch_size", default=2))
         return Preset(name=name, llm=llm, vision=vision, image_tokens=vision.projector_tokens,
                       frame_tokens=vision.projector_tokens, frames_per_group=group, default_frames=32)
+    if model_type == "gemma3":  # the projector average-pools the patch grid, then one matrix to the LLM width
+        tokens = int(_get(config, "mm_tokens_per_image", default=256))
+        vision = replace(vision, projector=(vision.hidden, llm.hidden), projector_tokens=tokens)
+        return Preset(name=name, llm=llm, vision=vision, image_tokens=tokens)
+    if model_type == "internvl":  # InternViT has a CLS token; pixel shuffle folds 1 / ratio^2 patches a token
+        fold = round(1 / float(_get(config, "downsample_ratio", default=0.5))) ** 2
+        vision = replace(vision, cls_tokens=1, projector=(vision.hidden * fold, llm.hidden, llm.hidden),
+                         projector_tokens=vision.patches // fold)
+        return Preset(name=name, llm=llm, vision=vision, image_tokens=vision.projector_tokens)
     side = math.isqrt(vision.patches)
     if model_type == "llava_onevision":
         frame = math.ceil(side / 2) ** 2
@@ -323,6 +334,9 @@ _QWEN2_7B = LLMShape(hidden=3584, kv_dim=512, intermediate=18944, heads=28, laye
 _SIGLIP_SO400M_384 = dict(hidden=1152, intermediate=4304, heads=16, layers=26, patches=729, patch_dim=588,
                           projector_tokens=729)
 _QWEN_VL_448 = dict(heads=16, layers=32, patches=1024, patch_dim=3 * 2 * 14 * 14, projector_tokens=256)
+
+_VICUNA_7B = LLMShape(hidden=4096, kv_dim=4096, intermediate=11008, heads=32, layers=32, vocab=32064)
+_CLIP_L_336 = dict(hidden=1024, intermediate=4096, heads=16, layers=24, patches=576, cls_tokens=1, patch_dim=588)
 
 #: Real configs as numbers (public config.json files of the llava-hf / Qwen checkpoints).
 PRESETS: dict[str, Preset] = {
@@ -358,6 +372,35 @@ PRESETS: dict[str, Preset] = {
             image_tokens=729, frame_tokens=196, default_frames=64,
             note="LLaVA-Video-7B-Qwen2 as run by transformers' LlavaOnevision classes (bilinear 2x2 pool, "
                  "196 per frame); the original LLaVA-NeXT code's pooling mode may differ",
+        ),
+        Preset(
+            name="llava-next-7b",
+            llm=_VICUNA_7B,
+            vision=VisionShape(**_CLIP_L_336, projector=(1024, 4096, 4096), projector_tokens=576),
+            image_tokens=576,
+            image_text_tokens=40,
+            note="llava-v1.6-vicuna-7b: CLIP ViT-L/14-336 + Vicuna-7B; one pass = one 336 px crop (576 tokens); "
+                 "anyres runs the base + up to 4 tiles (images=5 for a 672x672 image: 5 x 576 tokens, plus "
+                 "the unpadded grid's newline tokens, 48 at 672x672)",
+        ),
+        Preset(
+            name="internvl3-8b",
+            llm=LLMShape(hidden=3584, kv_dim=512, intermediate=18944, heads=28, layers=28, vocab=151674),
+            vision=VisionShape(hidden=1024, intermediate=4096, heads=16, layers=24, patches=1024, cls_tokens=1,
+                               patch_dim=588, projector=(4096, 3584, 3584), projector_tokens=256),
+            image_tokens=256,
+            note="InternViT-300M-448px-V2.5 + Qwen2.5-7B; one pass = one 448 px tile (1024 patches pixel-shuffled "
+                 "to 256 tokens); an image is up to 12 tiles + a thumbnail (images=)",
+        ),
+        Preset(
+            name="gemma-3-4b",
+            llm=LLMShape(hidden=2560, kv_dim=1024, intermediate=10240, heads=8, layers=34, vocab=262208),
+            vision=VisionShape(hidden=1152, intermediate=4304, heads=16, layers=27, patches=4096, patch_dim=588,
+                               projector=(1152, 2560), projector_tokens=256),
+            image_tokens=256,
+            note="SigLIP-so400m-896 + Gemma 3 4B (8 heads x 256: q/o are 2560 x 2048, counted as d x d by SPEC "
+                 "1c's formula; 5 of every 6 layers attend within 1024 tokens, counted as global); one pass = one "
+                 "896 px image or pan-and-scan crop (4096 patches pooled to 256 tokens)",
         ),
         Preset(
             name="qwen2-vl-7b",

@@ -27,6 +27,8 @@ FAMILIES: dict[str, str] = {
     "Qwen3-VL-MoE": "Qwen3VLMoeForConditionalGeneration",
     "Idefics3": "Idefics3ForConditionalGeneration",
     "SmolVLM / SmolVLM2": "SmolVLMForConditionalGeneration",
+    "Gemma 3": "Gemma3ForConditionalGeneration",
+    "InternVL (-hf)": "InternVLForConditionalGeneration",
 }
 
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 from torch import nn
 
 from leanvlm.models.base import ModelAdapter
+from leanvlm.models.gemma3 import Gemma3Adapter
 from leanvlm.models.idefics3 import Idefics3Adapter
+from leanvlm.models.internvl import InternVLAdapter
 from leanvlm.models.llava import LlavaAdapter
+from leanvlm.models.llava_next import LlavaNextAdapter
 from leanvlm.models.llava_next_video import LlavaNextVideoAdapter
 from leanvlm.models.onevision import OneVisionAdapter
 from leanvlm.models.qwen2_vl import QwenVLAdapter
 from leanvlm.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, OneVisionAdapter, LlavaNextVideoAdapter, QwenVLAdapter,
-                                            Qwen3VLAdapter, Idefics3Adapter)
+                                            Qwen3VLAdapter, Idefics3Adapter, LlavaNextAdapter, Gemma3Adapter,
+                                            InternVLAdapter)
 
 
 def supported_models() -> list[str]:

@@ -11,7 +11,8 @@ Signals (each [N, T] for N images of T patch tokens, or [N, T, D] for "keys"):
 - "cls_similarity": cosine similarity of the CLS and patch hidden states at the layer's output.
 - "keys": the layer's patch keys, heads concatenated (VisionZip merges contextual tokens by these).
 Towers without a CLS token (SigLIP) use the mean of all tokens as the query / reference vector instead;
-`has_cls=False` marks that substitute (reported by the stages that use it).
+`has_cls=False` marks that substitute (reported by the stages that use it). Towers with q / k norms
+(InternViT with `use_qk_norm`) get them applied to the query and keys, as in their attention.
 
 Packed towers (Qwen2-VL / Qwen2.5-VL: every image and frame in ONE sequence, fused `qkv`, no CLS, 2-D
 rotary, 2 x 2 patch merger) use `packed_vision_signals`: per frame, mean-token query, values summed or
@@ -106,6 +107,15 @@ def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
 
 
+def _qk_norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """A tower's q / k norm (InternViT's `use_qk_norm`: over all heads; per-head norms: over head_dim) applied
+    to projections [N, S, H*d]; identity when the attention has none."""
+    if norm is None:
+        return x
+    width = getattr(getattr(norm, "weight", None), "shape", (x.shape[-1],))[-1]
+    return norm(x) if width == x.shape[-1] else norm(x.unflatten(-1, (-1, width))).flatten(-2)
+
+
 @torch.no_grad()
 def vision_signals(probe: VisionProbe, needs: frozenset[str], has_cls: bool, prefix: int, back: int = 0) -> dict[str, torch.Tensor]:
     """Compute the requested signals for the patch tokens `prefix:` of every image of a capture (`back`: see
@@ -123,10 +133,11 @@ def vision_signals(probe: VisionProbe, needs: frozenset[str], has_cls: bool, pre
     weight = {name: p.float() for name, p in attn.named_parameters()}
     if keys is None:
         keys = nn.functional.linear(hidden, weight["k_proj.weight"], weight.get("k_proj.bias"))  # [N, S, H*d]
-    keys = keys.float()
+    keys = _qk_norm(getattr(attn, "k_norm", None), keys.float())
     if "cls_attention" in needs:
         reference = hidden[:, :1] if has_cls else hidden.mean(dim=1, keepdim=True)
-        query = _heads(attn, nn.functional.linear(reference, weight["q_proj.weight"], weight.get("q_proj.bias")))
+        query = nn.functional.linear(reference, weight["q_proj.weight"], weight.get("q_proj.bias"))
+        query = _heads(attn, _qk_norm(getattr(attn, "q_norm", None), query))
         scale = getattr(attn, "scale", None) or attn.scaling
         probs = torch.softmax(query @ _heads(attn, keys).transpose(-1, -2) * scale, dim=-1)  # [N, H, 1, S]
         signals["cls_attention"] = probs.mean(dim=1)[:, 0, prefix:]

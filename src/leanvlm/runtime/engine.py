@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from leanvlm.compat import cache_length, find_cache
+from leanvlm.compat import cache_length, find_cache, sliding_window_of
 from leanvlm.models import get_adapter
 from leanvlm.ops.select import FILLER, gather_slots, pack_right, top_k_mask
 from leanvlm.runtime.context import LayerContext, TokenLayout
-from leanvlm.runtime.masks import reduced_attention_mask
+from leanvlm.runtime.masks import decode_mask, reduced_attention_mask
 from leanvlm.runtime.stages import LLMStage, check_layer
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 from leanvlm.stats import ReductionStats, build_stats, visual_depth
@@ -106,6 +106,7 @@ class ForwardState:
     layout: TokenLayout | None = None
     index: torch.Tensor | None = None  # [B, N] current slots -> layer-0 positions; None = all of them
     past_length: int = 0
+    cache: Any = None  # the KV cache of a cached step (its layers tell which keep only a sliding window)
     attn_input: tuple[torch.Tensor, Any] | None = None  # (normed hidden [B, N, D], position embeddings)
     projections: dict[str, torch.Tensor] = field(default_factory=dict)  # "q"/"k" projection outputs [B, N, *]
     # gathered layer kwargs by (drop group: -1 in prefill/extend, id of the model's mask for the layer)
@@ -226,6 +227,7 @@ class AppliedMethod:
                 self.fwd = None  # a cache leanvlm did not prefill: every layer holds every token, run unchanged
                 return args, kwargs
             fwd = self._start_decode(session, kwargs, past_length)
+            fwd.cache = cache
             if session.shrunk is not None:
                 kwargs = self.adapter.decode_inputs(kwargs, session.shrunk, session.original_length)
         else:
@@ -268,6 +270,9 @@ class AppliedMethod:
         if input_ids is None:
             raise ValueError("leanvlm finds the visual tokens from input_ids; call the model with input_ids, not inputs_embeds")
         mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):  # generate pre-built the layer masks of the unreduced prompt (compileable cache)
+            raise ValueError("leanvlm needs a dynamic KV cache, not a compileable one whose masks generate builds "
+                             "before the forward; pass cache_implementation='dynamic' to generate")
         prompt_mask = mask if mask is not None and mask.dim() == 2 else None
         visual_inputs = self.adapter.visual_inputs(kwargs)
         right_padded = mask is not None and mask.dim() == 2 and not bool(mask[:, -1].all())
@@ -371,7 +376,8 @@ class AppliedMethod:
             return None
         group = max(earlier)
         base = kwargs.get("attention_mask")
-        key = (group, id(base))
+        window = sliding_window_of(fwd.cache, layer)
+        key = (group, id(base), window)
         if key not in fwd.overrides:
             kept = session.decisions[group]
             total = fwd.past_length + num_queries
@@ -380,7 +386,15 @@ class AppliedMethod:
             cols = torch.cat([kept, tail], dim=1)
             rows_orig = torch.arange(total - num_queries, total, device=device).expand(kept.shape[0], -1)
             rows_local = torch.arange(num_queries, device=device).expand(kept.shape[0], -1)
-            if base is None and not (kept == FILLER).any():
+            if window is not None:
+                # the layer's cache kept only its last window - 1 slots (and attends to them + the new tokens);
+                # every key the window rule allows is among them, as slots are in position order
+                cols = cols[:, -(min(cols.shape[1] - num_queries, window - 1) + num_queries):]
+            if window is not None or (base is not None and base.shape[-1] != total):
+                # the model sized `base` for another cache layer (Gemma 3: the first global layer may come
+                # after the drop) or for the unreduced window: build the mask from positions
+                fwd.overrides[key] = {"attention_mask": decode_mask(base, rows_orig, cols, window)}
+            elif base is None and not (kept == FILLER).any():
                 fwd.overrides[key] = None  # every cached key is attended: the model's own (None) mask fits
             else:
                 fwd.overrides[key] = {"attention_mask": reduced_attention_mask(base, rows_local, rows_orig, cols)}

@@ -41,3 +41,24 @@ def reduced_attention_mask(
         return allowed
     zero = torch.zeros((), dtype=base.dtype, device=base.device)
     return torch.where(allowed, zero, torch.finfo(base.dtype).min)
+
+
+def decode_mask(base: torch.Tensor | None, rows_orig: torch.Tensor, cols: torch.Tensor, window: int | None) -> torch.Tensor:
+    """A cached step's mask in a layer after an in-LLM drop, from positions alone: query positions rows_orig
+    [B, R] attend to the key positions cols [B, C] (-1 = filler, never attended; no padding is left after a
+    drop) at or before them, and, in a sliding-window layer (window W), less than W positions back.
+
+    Used where the model's own mask `base` does not cover this layer's keys: it is sized to the cache
+    layer the model measured (the first layer of the type, which may hold every token when this one holds
+    only the kept ones), or to the window of the unreduced sequence. base only gives the representation:
+    -> [B, 1, R, C], bool when base is None or bool, additive float of base's dtype otherwise.
+    """
+    distance = rows_orig[:, :, None] - cols[:, None, :]  # [B, R, C]
+    allowed = (cols >= 0)[:, None, :] & (distance >= 0)
+    if window is not None:
+        allowed &= distance < window
+    allowed = allowed[:, None]
+    if base is None or base.dtype == torch.bool:
+        return allowed
+    zero = torch.zeros((), dtype=base.dtype, device=base.device)
+    return torch.where(allowed, zero, torch.finfo(base.dtype).min)
