@@ -285,7 +285,7 @@ def test_report_is_json_ready_and_consistent():
 
 
 def test_per_layer_tokens_list_or_callable_and_errors():
-    listed = flops("llava-1.5-7b", image=True, per_layer_tokens=[616] * 3 + [328] * 29)
+    listed = flops("llava-1.5-7b", image=True, per_layer_tokens=[616] * 2 + [328] * 30)  # FastV at its default K
     def fastv(w: Workload) -> list[int]:
         return fastv_tokens_per_layer(w.visual_tokens, w.text_tokens, w.llm.layers)
 

@@ -152,9 +152,17 @@ def test_visionzip_stage_by_hand():
     attention = torch.tensor([[0.1, 0.5, 0.0, 0.0, 0.1, 0.9, 0.0, 0.0]])
     keys = torch.tensor([[1, 0], [0, 1], [1, 0.1], [1, 0.2], [0, 1], [1, 1], [0.1, 1], [0.2, 1]])[None]
     out = DominantContextual(2, 2).reduce(item_of(x[None], (2, 4), cls_attention=attention, keys=keys))
-    # raster order of the outputs: 0 (ctx {0,2,3}), 1 (dom), 4 (ctx {4,6,7}), 5 (dom)
+    # raster order of the outputs: 0 (ctx {0,2,3}), 1 (dom), 4 (ctx {4,6,7}), 5 (dom); a contextual token is
+    # target + mean(joined), as in the published code
     assert out.origin[0].tolist() == [0, 1, 4, 5]
-    torch.testing.assert_close(out.frames[0][:, 0], torch.tensor([(0 + 2 + 3) / 3, 1.0, (4 + 6 + 7) / 3, 5.0]))
+    torch.testing.assert_close(out.frames[0][:, 0], torch.tensor([0 + (2 + 3) / 2, 1.0, 4 + (6 + 7) / 2, 5.0]))
+    # a target nothing joined stays itself: with 3 contextual targets at stride 2 (patches 0, 3, 6), 2 joins 0,
+    # 4 and 7 join 6 (keys), and 3 gets no member
+    keys3 = keys.clone()
+    keys3[0, 3] = torch.tensor([-1.0, 0.0])
+    three = DominantContextual(2, 3).reduce(item_of(x[None], (2, 4), cls_attention=attention, keys=keys3))
+    assert three.origin[0].tolist() == [0, 1, 3, 5, 6]
+    torch.testing.assert_close(three.frames[0][:, 0], torch.tensor([0 + 2.0, 1.0, 3.0, 5.0, 6 + (4 + 7) / 2]))
     assert out.groups[0].tolist() == [0, 1, 0, 0, 2, 3, 2, 2]
     assert DominantContextual(2, 2).planned_tokens(8) == 4
     assert DominantContextual(keep=0.25).counts(576) == (122, 22)  # 144 tokens, 10/64 of them contextual
@@ -304,7 +312,8 @@ def test_pyramiddrop_layers_scale_to_depth_or_fail_clearly(model):
 
 # ----------------------------------------------------------------------------------------------- registry
 def test_registry_names_and_errors():
-    assert set(METHODS) == {"fastv", "aim", "itp", "visionzip", "prumerge", "prumerge+", "pyramiddrop", "random", "pool"}
+    assert set(METHODS) == {"fastv", "aim", "itp", "visionzip", "prumerge", "prumerge+", "pyramiddrop", "random", "pool",
+                            "divprune", "cdpruner", "vispruner", "dart"}
     assert make_method("prumerge+").plus is True and make_method("PruMerge").plus is False
     assert make_method("visionzip", keep=0.25) == VisionZip(keep=0.25)
     with pytest.raises(ValueError, match="unknown method 'tome'; known methods: fastv, aim, itp, visionzip"):
@@ -334,7 +343,7 @@ def test_budget_mapping_reaches_the_budget(model, name, budget):
 
 def test_budget_mapping_on_real_depths():
     fastv = budget_options("fastv", 0.5, 32)
-    assert fastv["layer"] == 2 and fastv["keep"] == pytest.approx((0.5 * 32 - 3) / 29)
+    assert fastv["layer"] == 1 and fastv["keep"] == pytest.approx((0.5 * 32 - 2) / 30)  # the paper's K=2
     pdrop = budget_options("pyramiddrop", 0.5, 32)
     assert pdrop["layers"] == (8, 16, 24) and 0.45 < pdrop["ratios"][0] < 0.55  # near the paper's 0.5
     aim = budget_options("aim", 0.1, 32)

@@ -1,7 +1,7 @@
 """leanvlm: fewer visual tokens for multimodal LLMs on HuggingFace transformers.
 
     import leanvlm
-    method = leanvlm.FastV(layer=2, keep=0.5)
+    method = leanvlm.FastV(layer=1, keep=0.5)
     with method.apply(model):
         out = model.generate(**inputs)
     method.stats
@@ -22,6 +22,7 @@ _EXPORTS = {
     **dict.fromkeys(("AIM", "ITP", "METHODS", "Compose", "FastV", "LLMStage", "Method", "Pool", "PreLLMStage",
                      "PruMerge", "PruMergePlus", "PyramidDrop", "RandomDrop", "Selection", "VisionZip",
                      "make_method"), "leanvlm.methods"),
+    **dict.fromkeys(("CDPruner", "DART", "DivPrune", "VisPruner"), "leanvlm.methods"),
     "load": "leanvlm.hub",
     "supported_models": "leanvlm.models",
     "ReductionStats": "leanvlm.stats",

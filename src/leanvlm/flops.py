@@ -584,11 +584,12 @@ def aim_tokens_per_layer(
 
 
 def fastv_tokens_per_layer(
-    visual_tokens: int, text_tokens: int, num_layers: int, layer: int = 2, keep: float = 0.5
+    visual_tokens: int, text_tokens: int, num_layers: int, layer: int = 1, keep: float = 0.5
 ) -> list[int]:
     """FastV as leanvlm runs it: the stage at 0-indexed `layer` K scores with layer K's attention and drops
     after it, so layers 0..K see all visual tokens and layers > K see round(keep * visual). (FastV's own
-    code prunes before layer K with layer K-1's attention: the same list for K-1 here.)"""
+    code prunes before layer K with layer K-1's attention: the same list for K-1 here; the default 1 is the
+    paper's K=2.)"""
     if not 0 <= layer < num_layers:
         raise ValueError(f"layer must be in [0, {num_layers - 1}], got {layer}")
     kept = kept_count(visual_tokens, keep)
@@ -661,7 +662,7 @@ def prune_cost(w: Workload, **options: Any) -> MethodCost:
     return aim_cost(w, merge_keep=1.0, **options)
 
 
-def fastv_cost(w: Workload, *, layer: int = 2, keep: float = 0.5) -> MethodCost:
+def fastv_cost(w: Workload, *, layer: int = 1, keep: float = 0.5) -> MethodCost:
     """FastV: last-token attention at `layer`, keep `keep` of the visual tokens after it."""
     tokens = fastv_tokens_per_layer(w.visual_tokens, w.text_tokens, w.llm.layers, layer, keep)
     return MethodCost(tokens, importance_flops(tokens[layer], w.llm, "last_token"))

@@ -42,7 +42,7 @@ from leanvlm.cli.common import (
 app = typer.Typer(
     name="leanvlm",
     help="Fewer visual tokens for multimodal LLMs: merge before the LLM, prune inside it.\n\n"
-         "Methods: `leanvlm doctor` lists them (aim, itp, fastv, visionzip, ...).",
+         "Methods: `leanvlm doctor` lists them (aim, itp, fastv, visionzip, divprune, cdpruner, ...).",
     rich_markup_mode="rich",
     no_args_is_help=True,
     add_completion=False,
@@ -176,7 +176,7 @@ def _print_reduction(report: dict[str, Any], title: str) -> None:
 # -------------------------------------------------------------------------------------------------- run
 @app.command(epilog=_examples(
     'leanvlm run cat.png "what color is the shape?"',
-    'leanvlm run cat.png "what color is the shape?" --method fastv --opt layer=2 --keep 0.5',
+    'leanvlm run cat.png "what color is the shape?" --method fastv --opt layer=1 --keep 0.5',
     'leanvlm run clip.mp4 "what happens?" --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf --frames 16 --json',
 ))
 @_guard
@@ -217,7 +217,7 @@ def run(
 # ------------------------------------------------------------------------------------------------- eval
 @app.command("eval", epilog=_examples(
     "leanvlm eval --dataset easyvqa --method aim --limit 500 --json results/aim.json",
-    "leanvlm eval --dataset scenes --method fastv --opt layer=2 --keep 0.25",
+    "leanvlm eval --dataset scenes --method fastv --opt layer=1 --keep 0.25",
     "leanvlm eval --dataset ./my_vqa_dir --method none --limit 100",
 ))
 @_guard
@@ -410,7 +410,7 @@ def bench(ctx: typer.Context) -> None:
 @app.command(epilog=_examples(
     "leanvlm flops --preset llava-onevision-7b --frames 32 --method aim --json",
     "leanvlm flops --preset llava-onevision-7b --frames 32 --method aim --opt accounting=paper",
-    "leanvlm flops --preset llava-1.5-7b --image --method fastv --opt layer=2 --keep 0.5",
+    "leanvlm flops --preset llava-1.5-7b --image --method fastv --opt layer=1 --keep 0.5",
     "leanvlm flops --config path/to/config.json --image --method visionzip --keep 0.25",
 ))
 @_guard

@@ -16,7 +16,7 @@ runs the same checkpoints' transformers conversions (llava-hf/llava-onevision-*-
 
 model_args: everything the wrapped model takes, plus
 - `method=NAME` (a `leanvlm.methods.registry` name, default aim; `none` runs the model unchanged),
-- the method's own options by name (`merge_keep=0.25,l1=14,l2=22`, `layer=2,keep=0.5`, ...),
+- the method's own options by name (`merge_keep=0.25,l1=14,l2=22`, `layer=1,keep=0.5`, ...),
 - `budget=F`: set the method's knobs for a visual-token budget F instead (`registry.budget_options`),
 - `leanvlm_stats=FILE`: write the mean visual tokens / analytic FLOPs over the run (every process) as JSON,
 and `pretrained=bundled` runs leanvlm's bundled real model. The entry point also registers leanvlm's tasks

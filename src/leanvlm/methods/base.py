@@ -94,7 +94,7 @@ class Method:
 
     Usage::
 
-        method = leanvlm.FastV(layer=2, keep=0.5)
+        method = leanvlm.FastV(layer=1, keep=0.5)
         with method.apply(model):
             out = model.generate(**inputs)
         method.stats          # what the last forward did

@@ -1,12 +1,15 @@
 """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024, arXiv 2403.06764).
 
-After decoder layer K, keep the fraction R of the visual tokens that receive the most attention from the
-last token (head-averaged) and drop the rest for all later layers. Paper default for LLaVA-1.5: K=2, R=50%.
+After decoder layer `layer`, keep the fraction `keep` of the visual tokens that receive the most attention
+from the last token (head-averaged) and drop the rest for all later layers. The paper's knobs are K (the
+layer after which tokens are pruned, 1-indexed) and R (the fraction of the visual tokens PRUNED); its
+LLaVA-1.5 default is K=2, R=50%, which is `FastV(layer=1, keep=0.5)` here (keep = 1 - R).
 
-Deviation / convention: layers are 0-indexed and a stage at layer K scores with layer K's own attention,
-so layers 0..K see every token and layers > K see the kept ones (the paper's code scores with the layer
-before the first pruned one; with K=2 it prunes from layer 2 on, one layer earlier than here).
-The attention row is recomputed from layer K's q/k for the last query only, so sdpa/flash models work.
+Convention: layers are 0-indexed and a stage at `layer` scores with that layer's own attention, so layers
+0..layer see every token and layers > layer see the kept ones. The paper's K=2 (its code scores with the
+attention of the second decoder layer, 0-indexed layer 1, and prunes from the third on) is our `layer=1`,
+the default; `layer=2` corresponds to the code's K=3.
+The attention row is recomputed from the layer's q/k for the last query only, so sdpa/flash models work.
 """
 
 from __future__ import annotations
@@ -16,6 +19,27 @@ from dataclasses import dataclass
 
 from leanvlm.methods.base import LLMStage, Method, PreLLMStage, Selection, check_fraction, keep_count
 from leanvlm.runtime.context import LayerContext
+
+#: The paper's K=2 in our 0-indexed convention.
+PAPER_LAYER = 1
+
+
+def single_drop_budget(name: str, keep_fraction: float, num_layers: int, layer: int) -> dict[str, float | int]:
+    """(layer, keep) for a method that drops visual tokens once, after `layer`, so that the mean over the LLM's
+    layers of the visual tokens computed on is `keep_fraction` of the input: layers 0..layer see all of them
+    and the rest keep R, R = (b L - (layer + 1)) / (L - layer - 1). `layer` is lowered (down to 0) when b is
+    too small for it; ValueError when even layer 0 costs more than b."""
+    for candidate in range(layer, -1, -1):
+        if candidate > num_layers - 2:
+            continue
+        full = candidate + 1
+        keep = (keep_fraction * num_layers - full) / (num_layers - full)
+        if keep > 0:
+            return {"layer": candidate, "keep": min(1.0, keep)}
+    raise ValueError(
+        f"{name} cannot reach a visual-token budget of {keep_fraction:.4g} on {num_layers} layers "
+        f"(layer 0 alone costs {1 / num_layers:.4g}; {name} needs at least 2 layers)"
+    )
 
 
 @dataclass
@@ -39,9 +63,10 @@ class LastTokenAttentionDrop(LLMStage):
 
 @dataclass
 class FastV(Method):
-    """FastV: after decoder layer `layer` (0-indexed), keep the fraction `keep` of the visual tokens."""
+    """FastV: after decoder layer `layer` (0-indexed; default 1 = the paper's K=2), keep the fraction `keep`
+    (= 1 - the paper's R) of the visual tokens."""
 
-    layer: int = 2
+    layer: int = PAPER_LAYER
     keep: float = 0.5
 
     def __post_init__(self) -> None:
@@ -51,3 +76,8 @@ class FastV(Method):
 
     def stages(self) -> tuple[Sequence[PreLLMStage], Sequence[LLMStage]]:
         return (), (LastTokenAttentionDrop(self.layer, self.keep),)
+
+    @classmethod
+    def budget_options(cls, keep_fraction: float, num_layers: int) -> dict[str, float | int]:
+        """Visual-token budget -> (layer, keep) at the paper's layer (lowered to 0 for tiny budgets)."""
+        return single_drop_budget("FastV", keep_fraction, num_layers, PAPER_LAYER)

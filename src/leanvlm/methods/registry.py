@@ -4,18 +4,19 @@
     make_method("pyramiddrop", **budget_options("pyramiddrop", 0.25, num_layers=32))
 
 Adding a method is one line in `METHODS`; if its class has a classmethod
-`budget_options(keep_fraction, num_layers) -> dict`, `budget_options` uses it (FastV and AIM predate that
-hook, so their mappings live here in `_BUDGETS`).
+`budget_options(keep_fraction, num_layers) -> dict`, `budget_options` uses it (AIM predates that hook, so its
+mapping lives here in `_BUDGETS`).
 
 The common budget is the fraction of the visual tokens (as they come out of the projector) that the LLM
 processes, averaged over its decoder layers: mean_l V_l / V_in, where V_l counts the visual tokens layer l
 computes on (`SampleStats.layer_visual_tokens`, measured by `visual_budget`). How each method maps a budget b
 (L = decoder layers; counts round per frame / per layer, so the realised budget is within rounding of b):
-- visionzip, random, pool: every layer sees the pre-LLM count, so keep = b (pool's grid rounding is coarser,
-  see `Pool`).
+- visionzip, random, pool, divprune, cdpruner, vispruner: every layer sees the pre-LLM count, so keep = b
+  (pool's grid rounding is coarser, see `Pool`).
 - prumerge, prumerge+: the fixed-budget variant keep = b (the paper's adaptive IQR count has no knob).
-- fastv: layers 0..K see everything and the rest keep R, so R = (b L - (K + 1)) / (L - K - 1) at the
-  default K = 2 (K lowered to 1, then 0, when b is too small for K = 2; ValueError below 1 / L).
+- fastv, dart: layers 0..K see everything and the rest keep R, so R = (b L - (K + 1)) / (L - K - 1) at the
+  default K = 1 (the papers' K = 2; lowered to 0 when b is too small for it; ValueError below 1 / L;
+  `fastv.single_drop_budget`).
 - pyramiddrop: one ratio lambda per stage (of the previous count) at the depth-scaled default layers, solved
   so the layer mean equals b (see `PyramidDrop.budget_options`).
 - itp: none: its stage 1 keeps an input-dependent count (the knee), so a sweep runs it at its own options
@@ -33,6 +34,9 @@ from typing import Any
 
 from leanvlm.methods.aim import AIM
 from leanvlm.methods.base import Method, check_fraction, check_option_types
+from leanvlm.methods.cdpruner import CDPruner
+from leanvlm.methods.dart import DART
+from leanvlm.methods.divprune import DivPrune
 from leanvlm.methods.fastv import FastV
 from leanvlm.methods.itp import ITP
 from leanvlm.methods.pool import Pool
@@ -40,6 +44,7 @@ from leanvlm.methods.prumerge import PruMerge, PruMergePlus
 from leanvlm.methods.pyramiddrop import PyramidDrop
 from leanvlm.methods.randomdrop import RandomDrop
 from leanvlm.methods.visionzip import VisionZip
+from leanvlm.methods.vispruner import VisPruner
 from leanvlm.ops.schedule import default_prune_layers, progressive_keep
 from leanvlm.stats import SampleStats
 
@@ -54,6 +59,10 @@ METHODS: dict[str, type[Method]] = {
     "pyramiddrop": PyramidDrop,
     "random": RandomDrop,
     "pool": Pool,
+    "divprune": DivPrune,
+    "cdpruner": CDPruner,
+    "vispruner": VisPruner,
+    "dart": DART,
 }
 
 
@@ -94,21 +103,6 @@ def _num_layers(model_or_layers: Any) -> int:
     return layers
 
 
-def _fastv_budget(keep_fraction: float, num_layers: int) -> dict[str, Any]:
-    for layer in (2, 1, 0):
-        if layer > num_layers - 2:
-            continue
-        full = layer + 1
-        rest = num_layers - full
-        keep = (keep_fraction * num_layers - full) / rest
-        if keep > 0:
-            return {"layer": layer, "keep": min(1.0, keep)}
-    raise ValueError(
-        f"FastV cannot reach a visual-token budget of {keep_fraction:.4g} on {num_layers} layers "
-        f"(layer 0 alone costs {1 / num_layers:.4g}; FastV needs at least 2 layers)"
-    )
-
-
 def _aim_prune_mean(num_layers: int) -> float:
     l1, l2 = default_prune_layers(num_layers)
     fractions = [1.0 if layer <= l1 else progressive_keep(layer - 1, l1, l2) for layer in range(num_layers)]
@@ -122,7 +116,7 @@ def _aim_budget(keep_fraction: float, num_layers: int) -> dict[str, Any]:
     return {"merge_keep": keep_fraction, "prune": False}
 
 
-_BUDGETS: dict[str, Callable[[float, int], dict[str, Any]]] = {"fastv": _fastv_budget, "aim": _aim_budget}
+_BUDGETS: dict[str, Callable[[float, int], dict[str, Any]]] = {"aim": _aim_budget}
 
 
 def has_budget_mapping(name: str) -> bool:

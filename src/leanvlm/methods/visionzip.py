@@ -6,7 +6,8 @@ CVPR 2025, arXiv 2412.04467), before the LLM, per image / video frame:
 2. Contextual tokens: of the remaining patches (in raster order), `contextual` targets are taken at a
    uniform stride (every max(1, R // contextual)-th of the R remaining, the first `contextual` of them);
    every other remaining patch joins the target whose key (same vision layer) is most similar (cosine),
-   and each target becomes the plain mean of itself and the patches that joined it.
+   and each contextual token is target + mean(patches that joined it) (the published code's formula: the
+   mean excludes the target and is 0 when nothing joined; the sum is not renormalised).
 
 Defaults: the paper's LLaVA-1.5 64-token setting, dominant=54 + contextual=10 per image (of 576). Counts
 larger than a frame are clamped (dominant first, then contextual), so a frame never grows.
@@ -24,6 +25,10 @@ Deviations from the paper's code:
 - The similarity metric is the layer's keys with the heads concatenated (the code averages keys over
   heads first); outputs keep raster order (the code appends the contextual tokens after the dominant).
 - Towers without CLS (SigLIP) rank by the mean token's attention instead (`models.vision`'s substitute).
+- LLaVA-NeXT / OneVision anyres images: the adapters hand the stage the base tile and the stitched
+  high-resolution grid (all crops, unpadded) as two items, so one budget is ranked over all crops at once;
+  the published code reduces each crop separately with its own budget (not done: the crops only exist
+  before unpadding, which the adapters leave to the model).
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ import torch
 
 from leanvlm.methods._frames import FrameGroups, frame_signal, rebuild
 from leanvlm.methods.base import LLMStage, Method, PreLLMStage, check_fraction
-from leanvlm.ops.pool import assignment_weights, combine
 from leanvlm.runtime.visual import VisualItem
 
 PAPER_DOMINANT = 54
@@ -113,8 +117,11 @@ class DominantContextual(PreLLMStage):
             nearest = (keys[others] @ keys[targets].T).argmax(dim=1)  # ties: the earlier target
             assignment[targets] = dominant + torch.arange(contextual, device=device)
             assignment[others] = dominant + nearest
-            weights = assignment_weights(assignment[rest] - dominant, contextual)  # [contextual, R]
-            outputs.append(combine(frame[rest], weights))
+            joined = torch.bincount(nearest, minlength=contextual).clamp(min=1)  # [contextual]
+            weights = torch.zeros(contextual, tokens, dtype=torch.float32, device=device)  # target + mean(joined)
+            weights[torch.arange(contextual, device=device), targets] = 1.0
+            weights[nearest, others] = 1.0 / joined[nearest].float()
+            outputs.append((weights @ frame.float()).to(frame.dtype))
             representative.append(targets)
         return FrameGroups(torch.cat(outputs), torch.cat(representative), assignment)
 

@@ -33,7 +33,7 @@ import enum
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,7 +44,7 @@ from leanvlm.models import get_adapter
 from leanvlm.ops.select import FILLER, gather_slots, pack_right, top_k_mask
 from leanvlm.runtime.context import LayerContext, TokenLayout
 from leanvlm.runtime.masks import decode_mask, reduced_attention_mask
-from leanvlm.runtime.stages import LLMStage, check_layer
+from leanvlm.runtime.stages import INSTRUCTION, LLMStage, check_layer
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 from leanvlm.stats import ReductionStats, build_stats, visual_depth
 
@@ -146,7 +146,8 @@ class AppliedMethod:
                     raise ValueError(f"two in-LLM stages drop tokens after layer {layer}; give each layer one stage")
                 self.drop_stages[layer] = stage
         self.needs = frozenset().union(*(stage.needs for stage in self.pre_stages))
-        self._probe = self.adapter.install_vision_probe() if self.needs else None
+        self.vision_needs = self.needs - {INSTRUCTION}
+        self._probe = self.adapter.install_vision_probe() if self.vision_needs else None
         self.session: Session | None = None  # the last prompt's, for uncached forwards that extend it
         # every cache a leanvlm prefill filled -> its session (weak: a cache the caller dropped is gone)
         self._sessions: weakref.WeakKeyDictionary[Any, Session] = weakref.WeakKeyDictionary()
@@ -288,7 +289,12 @@ class AppliedMethod:
         reduced = False
         if self.pre_stages and self.adapter.has_visual_input(kwargs):
             reduced = True
-            items = self.adapter.encode_visual(kwargs, self.needs, self._probe)
+            items = self.adapter.encode_visual(kwargs, self.vision_needs, self._probe)
+            if INSTRUCTION in self.needs:
+                # an uncached generate step extends the prompt: the instruction is still the prompt's own
+                length = input_ids.shape[1] if phase is Phase.PREFILL else self.session.original_length
+                items = self._with_instruction(input_ids[:, :length], None if prompt_mask is None else prompt_mask[:, :length],
+                                               items)
             visual_in = torch.zeros(input_ids.shape[0], dtype=torch.long)
             for item in items:
                 visual_in[item.sample] += item.num_tokens
@@ -303,6 +309,15 @@ class AppliedMethod:
         if phase is Phase.PREFILL:
             self.session = Session(input_ids, prompt_mask, visual_inputs, layout.visual.shape[1], shrunk)
         return ForwardState(phase, self.session, layout=layout, visual_in=visual_in, visual_items=items), kwargs
+
+    def _with_instruction(self, input_ids: torch.Tensor, mask: torch.Tensor | None, items: list[VisualItem]) -> list[VisualItem]:
+        """Items with `instruction` set: the LLM input embeddings [M, D] of their sample's instruction tokens
+        (input_ids [B, L] before any shrink; mask [B, L] or None)."""
+        question = TokenLayout.from_ids(input_ids, mask, self.adapter.visual_token_ids).question  # [B, L]
+        embed = self.adapter.text_model.get_input_embeddings()
+        with torch.no_grad():
+            per_sample = [embed(input_ids[row][question[row]]) for row in range(input_ids.shape[0])]
+        return [replace(item, instruction=per_sample[item.sample]) for item in items]
 
     def _after_multimodal(self, module: nn.Module, args: tuple, output: Any) -> None:
         fwd, self.fwd = self.fwd, None

@@ -60,10 +60,16 @@ class LLMStage(ABC):
         return visual_now
 
 
+#: The `needs` entry asking for the instruction's LLM input embeddings (`VisualItem.instruction`), which
+#: the runtime provides itself on every family; every other entry is a vision-tower signal.
+INSTRUCTION = "instruction"
+
+
 class PreLLMStage(ABC):
     """Reduces the visual tokens of each image / video frame before the LLM."""
 
-    #: vision-tower signals this stage reads (e.g. {"cls_attention"}); the model adapter captures them.
+    #: vision-tower signals this stage reads (e.g. {"cls_attention"}), which the model adapter captures, and
+    #: `INSTRUCTION` for the instruction's embeddings.
     needs: frozenset[str] = frozenset()
 
     @abstractmethod

@@ -18,7 +18,9 @@ class VisualItem:
     before any reduction. origin: per frame [T_f] long, the original patch index (row-major in the grid)
     each token stands for (a merged token: its destination), ascending. groups: per frame [h*w] long, the
     output token each original patch ended in, -1 if dropped. signals: vision-tower signals a stage asked
-    for, each [F, h*w] (e.g. "cls_attention"). sample: the batch row the item belongs to.
+    for, each [F, h*w] (e.g. "cls_attention"). sample: the batch row the item belongs to. instruction: [M, D]
+    LLM input embeddings of the sample's instruction tokens (`TokenLayout.question`), set only when a stage
+    needs `stages.INSTRUCTION`.
     """
 
     frames: list[torch.Tensor]
@@ -29,6 +31,7 @@ class VisualItem:
     kind: str = "image"
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    instruction: torch.Tensor | None = None
 
     @classmethod
     def from_frames(cls, frames: torch.Tensor | list[torch.Tensor], grid: tuple[int, int], sample: int, kind: str = "image",
