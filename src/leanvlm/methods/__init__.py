@@ -3,6 +3,8 @@
 from leanvlm.methods.aim import AIM, ProgressivePrune, TokenMerge
 from leanvlm.methods.base import Compose, LLMStage, Method, PreLLMStage, Selection
 from leanvlm.methods.fastv import FastV, LastTokenAttentionDrop
+from leanvlm.methods.fastvid import DensityPrune, FastVID
+from leanvlm.methods.holitom import HoliTom, HolisticMerge
 from leanvlm.methods.itp import ITP, InflectionCut, TextRelevancePrune
 from leanvlm.methods.pool import GridPool, Pool
 from leanvlm.methods.prumerge import OutlierPruneMerge, PruMerge, PruMergePlus
@@ -17,4 +19,5 @@ __all__ = [
     "PruMerge", "PruMergePlus", "PyramidDrop", "PyramidStages", "RandomDrop", "RandomSelect", "Selection",
     "TextRelevancePrune", "TokenMerge", "VisionZip", "budget_options", "make_method", "method_for_budget",
     "visual_budget",
+    "DensityPrune", "FastVID", "HoliTom", "HolisticMerge",
 ]

@@ -11,7 +11,7 @@ The common budget is the fraction of the visual tokens (as they come out of the 
 processes, averaged over its decoder layers: mean_l V_l / V_in, where V_l counts the visual tokens layer l
 computes on (`SampleStats.layer_visual_tokens`, measured by `visual_budget`). How each method maps a budget b
 (L = decoder layers; counts round per frame / per layer, so the realised budget is within rounding of b):
-- visionzip, random, pool: every layer sees the pre-LLM count, so keep = b (pool's grid rounding is coarser,
+- visionzip, random, pool, holitom, fastvid: every layer sees the pre-LLM count, so keep = b (pool's grid rounding is coarser,
   see `Pool`).
 - prumerge, prumerge+: the fixed-budget variant keep = b (the paper's adaptive IQR count has no knob).
 - fastv: layers 0..K see everything and the rest keep R, so R = (b L - (K + 1)) / (L - K - 1) at the
@@ -34,6 +34,8 @@ from typing import Any
 from leanvlm.methods.aim import AIM
 from leanvlm.methods.base import Method, check_fraction, check_option_types
 from leanvlm.methods.fastv import FastV
+from leanvlm.methods.fastvid import FastVID
+from leanvlm.methods.holitom import HoliTom
 from leanvlm.methods.itp import ITP
 from leanvlm.methods.pool import Pool
 from leanvlm.methods.prumerge import PruMerge, PruMergePlus
@@ -54,6 +56,8 @@ METHODS: dict[str, type[Method]] = {
     "pyramiddrop": PyramidDrop,
     "random": RandomDrop,
     "pool": Pool,
+    "holitom": HoliTom,
+    "fastvid": FastVID,
 }
 
 
