@@ -253,15 +253,33 @@ def test_holitom_stage_equals_the_reference(seed, keep, share):
         assert static.any() and all(bool(out.groups[f][static].eq(-1).all()) for f in range(a + 1, b + 1))
 
 
+def scene_video(seed: int, frames: int = 7, tokens: int = 16, channels: int = 8) -> torch.Tensor:
+    """Two scenes (frames 0-3 and 4-6), each with its own strong mean direction, so the frames' global
+    features are similar within a scene and not across; small per-frame noise, a few moving patches."""
+    g = torch.Generator().manual_seed(seed)
+    scenes = [torch.randn(tokens, channels, generator=g, dtype=torch.float64)
+              + 3 * torch.randn(channels, generator=g, dtype=torch.float64) for _ in range(2)]
+    video = torch.stack([scenes[f >= 4] + 0.3 * torch.randn(tokens, channels, generator=g, dtype=torch.float64)
+                         for f in range(frames)])
+    for f in range(frames):
+        video[f, torch.randperm(tokens, generator=g)[:2]] += torch.randn(2, channels, generator=g, dtype=torch.float64)
+    return video
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize(("keep", "c", "tau", "p"), [(0.5, 2, 0.9, 2), (0.25, 1, 0.99, 4), (0.4, 8, 0.9, 4)])
 def test_fastvid_stage_equals_the_reference(seed, keep, c, tau, p):
-    video = redundant_video(seed, frames=7, tokens=16)
+    video = scene_video(seed)
     attention = torch.rand(7, 16, generator=torch.Generator().manual_seed(20 + seed), dtype=torch.float64)
     item = VisualItem.from_frames(video, (4, 4), 0, "video", {"cls_attention": attention})
     stage = DensityPrune(keep=keep, min_segments=c, tau=tau, salient_share=0.4, anchor_step=p, beta=0.6, k=4)
     out = stage.reduce(item)
     assert_item_matches(out, ref_fastvid(video.numpy(), attention.numpy(), keep, c, tau, 0.4, p, 0.6, 4))
+    lengths = transition_segments(video.mean(dim=1), c, tau)
+    if c <= 2:  # the scene cut alone: two multi-frame segments, whose non-anchor frames keep only ATS tokens
+        assert lengths == [4, 3]
+        salient = math.floor(0.4 * max(1, math.floor(16 * keep)))
+        assert [len(o) for o in out.origin][1] == salient
 
 
 def test_image_is_one_segment_spatial_only():
