@@ -321,6 +321,16 @@ def test_bad_options_are_clear_errors(build, message):
         build()
 
 
+def test_lmms_eval_model_args_reach_the_methods():
+    from leanvlm.integrations.lmms_eval import split_method_args
+
+    args = {"pretrained": "x", "method": "holitom", "keep": "0.15", "tau": "0.7", "max_frames_num": "32"}
+    assert split_method_args(args) == ("holitom", {"keep": 0.15, "tau": 0.7}, None, None)
+    assert args == {"pretrained": "x", "max_frames_num": "32"}
+    assert split_method_args({"method": "fastvid", "budget": "0.1", "anchor_step": "2"}) == (
+        "fastvid", {"anchor_step": 2}, 0.1, None)
+
+
 def test_registry_budget_and_defaults():
     assert make_method("holitom") == HoliTom() and make_method("FastVID", keep=0.2) == FastVID(keep=0.2)
     assert method_for_budget("holitom", 0.25, 28) == HoliTom(keep=0.25)
@@ -339,9 +349,9 @@ CASE = dict(CASES)
 CELLS = [(f, "video") for f in VIDEO_FAMILIES] + [("llava_onevision", "mixed"), ("qwen2_vl", "image")]
 
 
-def inputs_for(family: str, modality: str):
+def inputs_for(family: str, modality: str, attn: str = "sdpa"):
     fam = FAMILIES[family]
-    model = model_for(family, "sdpa")
+    model = model_for(family, attn)
     samples = prompts(fam, modality)
     return fam, model, samples, cached(("inputs", family, modality), lambda: fam.inputs(model, samples))
 
@@ -379,10 +389,11 @@ def test_token_counts_are_the_budget(family, modality):
                 assert abs(sample.visual_into_llm - 0.5 * sample.visual_in) <= 4, (name, sample.visual_in, sample.visual_into_llm)
 
 
-@pytest.mark.parametrize(("family", "modality"), CELLS[:3])
+@pytest.mark.parametrize(("family", "modality", "attn"), [(f, m, "sdpa") for f, m in CELLS[:3]]
+                         + [("llava_onevision", "mixed", "eager")])
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
-def test_cached_decode_equals_uncached(family, modality, name):
-    fam, model, samples, inputs = inputs_for(family, modality)
+def test_cached_decode_equals_uncached(family, modality, attn, name):
+    fam, model, samples, inputs = inputs_for(family, modality, attn)
     method = CASE[name]()
     with method.apply(model):
         with_cache = model.generate(**inputs, max_new_tokens=6, **GENERATE)
