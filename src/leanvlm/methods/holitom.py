@@ -13,7 +13,8 @@ the LLM, per video (an image is a one-frame video):
    window into one token that lives in the window's first frame; the static tokens (of all positions)
    are then clustered by density peaks (DPC-kNN, `ops.temporal.density_peak_scores`, k = min(k, centres))
    into round(r * S) centres, every other static token joins its nearest centre (Euclidean), and a centre
-   with members becomes beta * centre + (1 - beta) * mean(members) (a centre alone stays).
+   with members becomes beta * centre + (1 - beta) * mean(members) (a centre alone stays; when round(r * S)
+   is 0 the window's static tokens are all dropped, as published).
 4. Spatial merging, per frame, of its dynamic (non-static) tokens: n' = ceil(r * n) are kept, of which
    round(n' * (1 - contextual_share)) dominant tokens with the highest vision attention, and the rest
    contextual: density-peak centres among the remaining tokens, merged like the static ones.
