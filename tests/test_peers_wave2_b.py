@@ -188,7 +188,8 @@ def redundant_video(seed: int, frames: int = 6, tokens: int = 12, channels: int 
     scenes = torch.randn(2, tokens, channels, generator=g, dtype=torch.float64)
     video = torch.empty(frames, tokens, channels, dtype=torch.float64)
     for f in range(frames):
-        base = scenes[0] if f < 3 else (torch.randn(tokens, channels, generator=g, dtype=torch.float64) if f == 3 else scenes[1])
+        new_scene = torch.randn(tokens, channels, generator=g, dtype=torch.float64)
+        base = scenes[0] if f < 3 else new_scene if f == 3 else scenes[1]
         video[f] = base + 0.05 * torch.randn(tokens, channels, generator=g, dtype=torch.float64)
         moving = torch.randperm(tokens, generator=g)[:3 + f % 3]
         video[f, moving] = torch.randn(len(moving), channels, generator=g, dtype=torch.float64)
@@ -212,7 +213,8 @@ def test_static_windows_equal_the_brute_force_optimum(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_transition_segments_equal_the_reference(seed):
     g = torch.Generator().manual_seed(seed)
-    features = torch.randn(10, 6, generator=g, dtype=torch.float64) + 2.0 * torch.randn(6, generator=g, dtype=torch.float64)
+    shared = 2.0 * torch.randn(6, generator=g, dtype=torch.float64)  # frames alike, some transitions above tau
+    features = torch.randn(10, 6, generator=g, dtype=torch.float64) + shared
     for c, tau in [(1, 0.0), (3, 0.5), (4, 0.9), (8, -1.0), (20, 0.0)]:
         lengths = transition_segments(features, c, tau)
         assert lengths == ref_dyseg(features.numpy(), c, tau), (c, tau)
@@ -386,7 +388,8 @@ def test_token_counts_are_the_budget(family, modality):
                 frames = frame_tokens(fam, model, samples[row])
                 assert sample.visual_into_llm == sum(max(1, math.floor(t * 0.5)) for t in frames)
             else:  # HoliTom: about half of every item; FastVID on images: half of every frame
-                assert abs(sample.visual_into_llm - 0.5 * sample.visual_in) <= 4, (name, sample.visual_in, sample.visual_into_llm)
+                assert abs(sample.visual_into_llm - 0.5 * sample.visual_in) <= 4, (name, sample.visual_in,
+                                                                                   sample.visual_into_llm)
 
 
 @pytest.mark.parametrize(("family", "modality", "attn"), [(f, m, "sdpa") for f, m in CELLS[:3]]
@@ -416,4 +419,5 @@ def test_batch_equals_samples_one_by_one(family, modality, name):
             single = cached(("alone", family, modality, row), lambda: alone(fam, model, samples, row))
             torch.testing.assert_close(model(**single).logits[:, -1], batch_logits[row:row + 1], atol=1e-4, rtol=1e-4)
             assert method.stats.samples[0].visual_into_llm == batch_counts[row]
-            assert model.generate(**single, max_new_tokens=3, do_sample=False)[0, -3:].tolist() == batch_tokens[row].tolist()
+            alone_tokens = model.generate(**single, max_new_tokens=3, do_sample=False)[0, -3:]
+            assert alone_tokens.tolist() == batch_tokens[row].tolist()

@@ -125,8 +125,8 @@ class DensityPrune(PreLLMStage):
         flat = rest_tokens.flatten(0, 1)  # [F n, C]
         anchor_tokens = flat[(anchors[:, None] * n + chosen).flatten()]  # [A a, C]
         members = flat[start * n:(start + length) * n]  # [L n, C]
-        unit_members, unit_anchors = (x.float() / torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True).clamp(min=1e-12)
-                                      for x in (members, anchor_tokens))
+        unit_members, unit_anchors = (x.float() / torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True)
+                                      .clamp(min=1e-12) for x in (members, anchor_tokens))
         nearest = (unit_members @ unit_anchors.T).argmax(dim=1)  # [L n]: anchor slot (ties: the earlier one)
         weights = assignment_weights(nearest, anchor_tokens.shape[0])  # [A a, L n]
         counts = weights.sum(dim=1, keepdim=True)  # n_i: tokens joined (the anchor itself, unless an equal one won)

@@ -118,7 +118,9 @@ class HolisticMerge(PreLLMStage):
         if self.keep == 1.0 or item.num_tokens == 0:
             return item
         frames = item.frames
-        if any(f.shape[0] != frames[0].shape[0] or not torch.equal(o, item.origin[0]) for f, o in zip(frames, item.origin)):
+        aligned = all(f.shape[0] == frames[0].shape[0] and torch.equal(o, item.origin[0])
+                      for f, o in zip(frames, item.origin))
+        if not aligned:
             raise ValueError("HoliTom needs position-aligned frames (the same patches in every frame of a video); "
                              "apply it before stages that reduce frames differently")
         stacked = torch.stack(frames)  # [F, T, C]

@@ -58,8 +58,9 @@ def static_windows(similarity: torch.Tensor, tau: float, max_window: int) -> tup
     similarity [F - 1, T] (`consecutive_similarity`).
     """
     frames = similarity.shape[0] + 1
-    gain = (static_counts(similarity, tau) * (torch.arange(frames)[None, :] - torch.arange(frames)[:, None]).clamp(min=0)
-            .to(similarity.device)).tolist()
+    index = torch.arange(frames, device=similarity.device)
+    transitions = (index[None, :] - index[:, None]).clamp(min=0)  # [F, F]: e - s of the window [s, e]
+    gain = (static_counts(similarity, tau) * transitions).tolist()  # gain[s][e]: tokens the window removes
     best = [0] * frames  # best[i]: most tokens removable from frames 0..i
     start_of_last = [0] * frames
     for end in range(frames):
