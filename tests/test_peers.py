@@ -313,7 +313,8 @@ def test_pyramiddrop_layers_scale_to_depth_or_fail_clearly(model):
 # ----------------------------------------------------------------------------------------------- registry
 def test_registry_names_and_errors():
     assert set(METHODS) == {"fastv", "aim", "itp", "visionzip", "prumerge", "prumerge+", "pyramiddrop", "random", "pool",
-                            "divprune", "cdpruner", "vispruner", "dart"}
+                            "divprune", "cdpruner", "vispruner", "dart",
+                            "holitom", "fastvid"}
     assert make_method("prumerge+").plus is True and make_method("PruMerge").plus is False
     assert make_method("visionzip", keep=0.25) == VisionZip(keep=0.25)
     with pytest.raises(ValueError, match="unknown method 'tome'; known methods: fastv, aim, itp, visionzip"):

@@ -22,7 +22,7 @@ _EXPORTS = {
     **dict.fromkeys(("AIM", "ITP", "METHODS", "Compose", "FastV", "LLMStage", "Method", "Pool", "PreLLMStage",
                      "PruMerge", "PruMergePlus", "PyramidDrop", "RandomDrop", "Selection", "VisionZip",
                      "make_method"), "leanvlm.methods"),
-    **dict.fromkeys(("CDPruner", "DART", "DivPrune", "VisPruner"), "leanvlm.methods"),
+    **dict.fromkeys(("CDPruner", "DART", "DivPrune", "FastVID", "HoliTom", "VisPruner"), "leanvlm.methods"),
     "load": "leanvlm.hub",
     "supported_models": "leanvlm.models",
     "ReductionStats": "leanvlm.stats",

@@ -45,10 +45,11 @@ def rebuild(item: VisualItem, frames: list[FrameGroups]) -> VisualItem:
     for result, org, grp in zip(frames, item.origin, item.groups):
         out_origin = org[result.representative]
         order = torch.argsort(out_origin, stable=True)
-        position = torch.empty_like(order)
+        # one spare last slot holding FILLER: index -1 (dropped) reads it, also when a frame keeps nothing
+        position = torch.full((order.numel() + 1,), FILLER, dtype=order.dtype, device=order.device)
         position[order] = torch.arange(order.numel(), device=order.device)
-        assignment = torch.where(result.assignment >= 0, position[result.assignment.clamp(min=0)], FILLER)
+        assignment = torch.cat([position[result.assignment], position[-1:]])
         new_frames.append(result.tokens[order])
         origin.append(out_origin[order])
-        groups.append(torch.where(grp >= 0, assignment[grp.clamp(min=0)], FILLER))
+        groups.append(assignment[grp])
     return replace(item, frames=new_frames, origin=origin, groups=groups)

@@ -11,8 +11,8 @@ The common budget is the fraction of the visual tokens (as they come out of the 
 processes, averaged over its decoder layers: mean_l V_l / V_in, where V_l counts the visual tokens layer l
 computes on (`SampleStats.layer_visual_tokens`, measured by `visual_budget`). How each method maps a budget b
 (L = decoder layers; counts round per frame / per layer, so the realised budget is within rounding of b):
-- visionzip, random, pool, divprune, cdpruner, vispruner: every layer sees the pre-LLM count, so keep = b
-  (pool's grid rounding is coarser, see `Pool`).
+- visionzip, random, pool, divprune, cdpruner, vispruner, holitom, fastvid: every layer sees the pre-LLM
+  count, so keep = b (pool's grid rounding is coarser, see `Pool`).
 - prumerge, prumerge+: the fixed-budget variant keep = b (the paper's adaptive IQR count has no knob).
 - fastv, dart: layers 0..K see everything and the rest keep R, so R = (b L - (K + 1)) / (L - K - 1) at the
   default K = 1 (the papers' K = 2; lowered to 0 when b is too small for it; ValueError below 1 / L;
@@ -38,6 +38,8 @@ from leanvlm.methods.cdpruner import CDPruner
 from leanvlm.methods.dart import DART
 from leanvlm.methods.divprune import DivPrune
 from leanvlm.methods.fastv import FastV
+from leanvlm.methods.fastvid import FastVID
+from leanvlm.methods.holitom import HoliTom
 from leanvlm.methods.itp import ITP
 from leanvlm.methods.pool import Pool
 from leanvlm.methods.prumerge import PruMerge, PruMergePlus
@@ -63,6 +65,8 @@ METHODS: dict[str, type[Method]] = {
     "cdpruner": CDPruner,
     "vispruner": VisPruner,
     "dart": DART,
+    "holitom": HoliTom,
+    "fastvid": FastVID,
 }
 
 
