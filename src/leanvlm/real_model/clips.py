@@ -131,10 +131,25 @@ def _questions(rng: np.random.Generator, objects: list[_Object]) -> list[tuple[s
     return rows
 
 
-def clips(split: str, n: int, seed: int = 0) -> list[ClipItem]:
-    """Questions (5 each) about `n` generated clips, deterministic in (split, seed).
+def _every_question(objects: list[_Object]) -> list[tuple[str, str, str]]:
+    """Every question the clip supports (for training): both order and both colour questions, a count for
+    each still object and presence for each shape; no random choice (the clip stream stays the same)."""
+    mover, by_start = objects[0], sorted(objects, key=lambda o: o.first)
+    present = {o.shape for o in objects}
+    return [("which shape appears first?", by_start[0].shape, "order"),
+            ("which shape appears last?", by_start[-1].shape, "order"),
+            *[(f"how many frames show a {o.colors[0]} shape?", str(o.last - o.first + 1), "count") for o in objects[1:]],
+            ("what color is the moving shape at the start?", mover.colors[0], "color"),
+            ("what color is the moving shape at the end?", mover.colors[-1], "color"),
+            (f"does the {mover.shape} move left or right?", "right" if mover.xs[-1] > mover.xs[0] else "left", "direction"),
+            *[(f"is there a {shape} in any frame?", "yes" if shape in present else "no", "presence") for shape in SHAPES]]
+
+
+def clips(split: str, n: int, seed: int = 0, every_question: bool = False) -> list[ClipItem]:
+    """Questions (5 each, one per type) about `n` generated clips, deterministic in (split, seed).
 
     split: "train", "test" or "heldout" (different random streams of the same seed: no shared clip).
+    every_question: ask all 9-10 questions each clip supports instead (the same clips; for training).
     """
     if split not in _SPLIT_STREAM:
         raise ValueError(f"split must be one of {', '.join(map(repr, _SPLIT_STREAM))}, got {split!r}")
@@ -146,7 +161,8 @@ def clips(split: str, n: int, seed: int = 0) -> list[ClipItem]:
         objects = _make_objects(rng)
         background = tuple(int(v) for v in rng.integers(225, 256, size=3))
         frames = _render(objects, background)
-        for question, answer, qtype in _questions(rng, objects):
+        rows = _questions(rng, objects)  # consumes the stream even when replaced: the clips stay the same
+        for question, answer, qtype in (_every_question(objects) if every_question else rows):
             items.append(ClipItem(frames, question, answer, qtype, f"clips-{split}-{seed}-{k}"))
     return items
 

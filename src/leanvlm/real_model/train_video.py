@@ -35,7 +35,7 @@ from leanvlm.real_model.video_model import (
     num_video_tokens,
 )
 
-TRAIN_SETS = {"clips-train-0-n300": lambda: clips("train", 300, 0)}
+TRAIN_SETS = {"clips-train-0-n300": lambda: clips("train", 300, 0, every_question=True)}
 EVAL_SETS = {"clips-test-0-n40": lambda: clips("test", 40, 0)}
 
 
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--feature-dir", default=os.path.join(os.getcwd(), ".cache", "features"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init-from", default=None, help="start from this run's ckpt.pt parameters (fresh optimiser)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the feature cache and training (fp32 master weights)")
     args = ap.parse_args(argv)
 
@@ -150,6 +151,10 @@ def main(argv: list[str] | None = None) -> None:
                  "image_newline": newline}
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     step = 0
+    if args.init_from and not os.path.exists(ckpt_path):
+        with torch.no_grad():
+            for k, v in torch.load(args.init_from, weights_only=False)["params"].items():
+                trainable[k].copy_(v)
     if os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
         with torch.no_grad():
