@@ -125,9 +125,9 @@ def test_bundled_model_batched_equals_one_by_one():
     from leanvlm.cli.common import load_model
 
     loaded = load_model(None)
-    items = load_items("easyvqa", 24)
+    items = load_items("easyvqa", 10)
     assert len(group_by_image(items)) < len(items)  # several questions per image: the shared paths run
-    for method, count in ((None, 24), (AIM(), 12)):
+    for method, count in ((None, 10), (AIM(), 6)):
         batched = evaluate(loaded, items[:count], method, batch_size=16, progress=False)
         alone = evaluate(loaded, items[:count], method, batch_size=1, progress=False, share_images=False)
         assert batched["predictions"] == alone["predictions"]

@@ -228,7 +228,7 @@ def eval_command(
     keep: Optional[float] = KeepOpt,
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Evaluate the first N items."),
     split: str = typer.Option("test", "--split", help="Dataset split (easyvqa, scenes)."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Questions per batch (whole image groups; a larger group is one batch)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Questions per batch (whole image groups; a larger group is one batch)."),
     mode: str = typer.Option("auto", "--mode", help="closed (bundled model: closed answer set, one forward), generate, or auto."),
     processes: int = typer.Option(1, "--processes", "-p", help="Local processes to shard the items over (results gathered)."),
     model: Optional[str] = ModelOpt,

@@ -150,12 +150,13 @@ def evaluate(
     loaded: LoadedModel,
     items: Sequence[Any],
     method: Method | None,
-    batch_size: int = 16,
+    batch_size: int = 32,
     mode: str = "auto",
     max_new_tokens: int = 8,
     progress: Progress | None | bool = None,
     description: str = "eval",
     share_images: bool = True,
+    group_images: bool = True,
 ) -> dict[str, Any]:
     """Run `method` (None: the plain model) over the items; returns the summary dict: accuracy, n,
     predictions (per item, in the items' order), visual_in / visual_tokens (means, into the LLM),
@@ -168,10 +169,11 @@ def evaluate(
     method's pre-LLM stages ask for no vision-tower signals, and the plain model in closed mode computes
     each image's prompt prefix once for all its questions; answers equal the one-by-one ones up to float
     rounding (tests/test_eval_batching.py). The plain model is otherwise measured with an empty
-    `Compose()` (counts tokens, drops nothing)."""
+    `Compose()` (counts tokens, drops nothing). group_images=False: batches of consecutive items instead
+    (the loop before image grouping, kept for benchmarks/bench_eval.py)."""
     start = time.perf_counter()
     predictions, samples, mode = run_items(loaded, items, method, batch_size, mode, max_new_tokens, progress,
-                                           description, share_images)
+                                           description, share_images, group_images=group_images)
     return summarize(items, predictions, samples, method, mode, time.perf_counter() - start)
 
 
@@ -179,13 +181,14 @@ def run_items(
     loaded: LoadedModel,
     items: Sequence[Any],
     method: Method | None,
-    batch_size: int = 16,
+    batch_size: int = 32,
     mode: str = "auto",
     max_new_tokens: int = 8,
     progress: Progress | None | bool = None,
     description: str = "eval",
     share_images: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
+    group_images: bool = True,
 ) -> tuple[list[str], list[SampleStats], str]:
     """The work of `evaluate`: -> (predictions in the items' order, per-sample stats, mode used).
     progress: a Progress to add a task to, None for an own bar, False for none. on_batch(questions,
@@ -212,6 +215,8 @@ def run_items(
     tower = vision_tower(loaded.model) if share_images and not needs_tower_signals else None
     groups = group_by_image(items)
     group_of = {index: g for g, group in enumerate(groups) for index in group}
+    if not group_images:
+        groups = [[index] for index in range(len(items))]
     predictions: list[str] = [""] * len(items)
     correct, done = 0, 0
     samples: list[SampleStats] = []
@@ -309,7 +314,7 @@ def evaluate_processes(
     model: str | None,
     method: Method | None,
     processes: int,
-    batch_size: int = 16,
+    batch_size: int = 32,
     mode: str = "auto",
     max_new_tokens: int = 8,
     device: str | None = None,
