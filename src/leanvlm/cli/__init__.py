@@ -228,8 +228,9 @@ def eval_command(
     keep: Optional[float] = KeepOpt,
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Evaluate the first N items."),
     split: str = typer.Option("test", "--split", help="Dataset split (easyvqa, scenes)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Questions per batch (whole image groups; a larger group is one batch)."),
     mode: str = typer.Option("auto", "--mode", help="closed (bundled model: closed answer set, one forward), generate, or auto."),
+    processes: int = typer.Option(1, "--processes", "-p", help="Local processes to shard the items over (results gathered)."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -240,26 +241,35 @@ def eval_command(
     Prints accuracy, mean visual tokens into the LLM, mean analytic LLM prefill FLOPs and the ratio full /
     method; --json FILE writes them as one object (accuracy, n, flops_ratio, visual_tokens, ...).
     """
-    from leanvlm.cli.eval import evaluate, load_items
+    from leanvlm.cli.eval import evaluate, evaluate_processes, load_items
 
     check_at_least("--limit", limit)
     check_at_least("--batch-size", batch_size)
+    check_at_least("--processes", processes)
     check_output_file(json_path, "--json")
     chosen = build_method(method, opt, keep)
-    items = load_items(dataset, limit, split)
-    loaded = load_model(model, device, dtype)
-    result = evaluate(loaded, items, chosen, batch_size=batch_size, mode=mode, description=f"{method} on {dataset}")
-    result = {"dataset": dataset, "split": split, "model": loaded.name, **result, "method": method.strip().lower()}
+    if processes > 1:
+        result = evaluate_processes(dataset, limit, split, model, chosen, processes, batch_size, mode, device=device,
+                                    dtype=dtype, description=f"{method} on {dataset}")
+        name = "bundled real model" if model in (None, "", "bundled", "real") else model
+    else:
+        items = load_items(dataset, limit, split)
+        loaded = load_model(model, device, dtype)
+        result = evaluate(loaded, items, chosen, batch_size=batch_size, mode=mode, description=f"{method} on {dataset}")
+        name = loaded.name
+    result = {"dataset": dataset, "split": split, "model": name, **result, "method": method.strip().lower(),
+              "processes": processes}
     if json_path:
         dump_json(result, json_path)
     if json_path == "-":
         return
     table = Table(title=f"{describe_method(chosen)} on {dataset} ({result['n']} questions, {result['mode']} answers)")
-    for column in ("accuracy", "visual tokens in -> into LLM", "prefill TFLOPs (method / full)", "FLOPs ratio", "seconds"):
+    for column in ("accuracy", "visual tokens in -> into LLM", "prefill TFLOPs (method / full)", "FLOPs ratio", "seconds",
+                   "questions / s"):
         table.add_column(column, justify="right")
     table.add_row(f"{result['accuracy']:.4f}", f"{result['visual_in']:.1f} -> {result['visual_tokens']:.1f}",
                   f"{result['method_tflops']:.4g} / {result['base_tflops']:.4g}", fmt_ratio(result["flops_ratio"]),
-                  f"{result['seconds']:.1f}")
+                  f"{result['seconds']:.1f}", f"{result['questions_per_second']:.2f}")
     console.print(table)
     if len(result["per_type"]) > 1:
         console.print("per question type: " + ", ".join(f"{k} {v:.3f}" for k, v in result["per_type"].items()))

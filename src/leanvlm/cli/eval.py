@@ -7,15 +7,18 @@ import math
 import os
 import re
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from leanvlm.cli.batching import SharedVisionEncoding, group_by_image, plan_batches, shared_prefix_last_logits
 from leanvlm.cli.common import CLIError, LoadedModel, describe_method, err_console, method_options_dict
 from leanvlm.hub import StatsRecorder, build_inputs, summarize_samples
 from leanvlm.methods.base import Method
+from leanvlm.stats import SampleStats
 
 DATASETS = ("easyvqa", "scenes")
 
@@ -61,32 +64,49 @@ def is_correct(prediction: str, answer: str) -> bool:
     return pred == gold or pred.startswith(gold + " ")
 
 
-Predictor = Callable[[list[Any], list[str]], list[str]]
+Predictor = Callable[[list[Any], list[int]], list[str]]
 
 
-def make_predictor(loaded: LoadedModel, mode: str = "auto", max_new_tokens: int = 8) -> tuple[Predictor, str]:
-    """(predict(images, questions) -> answers, mode name).
+def make_predictor(loaded: LoadedModel, mode: str = "auto", max_new_tokens: int = 8,
+                   shared_prefix: bool = False) -> tuple[Predictor, str]:
+    """(predict(items, group ids) -> answers, mode name). Rows with the same group id ask about one image.
 
-    "closed" (default for the bundled model): `real_model.score_answers`, one forward pass per batch
-    restricted to the closed answer set, as the bundled model's own metrics are measured. "generate"
+    "closed" (default for the bundled model): one forward pass per batch, the last position's logits
+    restricted to the first token of each answer of the closed answer set (`real_model.ANSWERS`), as the
+    bundled model's own metrics are measured; with `shared_prefix` (the plain model only) each image's
+    prompt prefix is computed once for its questions (`batching.shared_prefix_last_logits`). "generate"
     (default for other models): greedy generation of up to max_new_tokens, scored by `is_correct`.
     """
     if mode == "auto":
         mode = "closed" if loaded.bundled else "generate"
+    model, processor = loaded.model, loaded.processor
     if mode == "closed":
         if not loaded.bundled:
             raise CLIError("--mode closed needs the bundled model (its closed answer set); use --mode generate")
-        from leanvlm.real_model import score_answers
+        from leanvlm.models import get_adapter
+        from leanvlm.real_model import ANSWERS, answer_token_ids, prepare_inputs
 
-        return (lambda images, questions: score_answers(loaded.model, loaded.processor, images, questions)), mode
+        candidates = answer_token_ids(processor)
+        visual_ids = get_adapter(model).visual_token_ids
+
+        @torch.no_grad()
+        def closed(items: list[Any], groups: list[int]) -> list[str]:
+            inputs = prepare_inputs(processor, [it.image for it in items], [it.question for it in items]).to(model.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            logits = shared_prefix_last_logits(model, inputs, groups, visual_ids) if shared_prefix else None
+            if logits is None:
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # [B, vocab]
+            return [ANSWERS[i] for i in logits[:, candidates].argmax(-1).tolist()]
+
+        return closed, mode
     if mode != "generate":
         raise CLIError(f"--mode must be auto, closed or generate, got {mode!r}")
-    model, processor = loaded.model, loaded.processor
 
     @torch.no_grad()
-    def predict(images: list[Any], questions: list[str]) -> list[str]:
+    def predict(items: list[Any], groups: list[int]) -> list[str]:
         parameter = next(model.parameters())
-        inputs = build_inputs(processor, [("image", im) for im in images], questions, parameter.device, parameter.dtype)
+        inputs = build_inputs(processor, [("image", it.image) for it in items], [it.question for it in items],
+                              parameter.device, parameter.dtype)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         tokenizer = getattr(processor, "tokenizer", processor)
         return [t.strip() for t in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
@@ -100,54 +120,146 @@ def progress_bar(transient: bool = False) -> Progress:
                     console=err_console, transient=transient)
 
 
+def plain_sample_stats(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[SampleStats]:
+    """What an empty `Compose()` records for the plain model on a left-padded batch [B, T]: every layer
+    computes on every real token, base FLOPs = method FLOPs."""
+    from leanvlm.flops import LLMShape, llm_prefill_flops
+    from leanvlm.models import get_adapter
+
+    shape = LLMShape.from_config(model.config)
+    visual = torch.isin(input_ids, torch.tensor(get_adapter(model).visual_token_ids, device=input_ids.device))
+    samples = []
+    for b in range(input_ids.shape[0]):
+        real = attention_mask[b].bool()
+        tokens, seen = int(real.sum()), int((visual[b] & real).sum())
+        flops = llm_prefill_flops([tokens] * shape.layers, shape)
+        samples.append(SampleStats(visual_in=seen, visual_into_llm=seen, layer_tokens=[tokens] * shape.layers,
+                                   layer_visual_tokens=[seen] * shape.layers, base_flops=flops, method_flops=flops))
+    return samples
+
+
+def vision_tower(model: Any) -> torch.nn.Module | None:
+    """The model's vision encoder module (LLaVA family: `vision_tower`, Qwen2-VL: `visual`), None if unknown."""
+    from leanvlm.models import get_adapter
+
+    module = get_adapter(model).multimodal_module
+    return getattr(module, "vision_tower", None) or getattr(module, "visual", None)
+
+
 def evaluate(
     loaded: LoadedModel,
     items: Sequence[Any],
     method: Method | None,
-    batch_size: int = 8,
+    batch_size: int = 32,
     mode: str = "auto",
     max_new_tokens: int = 8,
-    progress: Progress | None = None,
+    progress: Progress | None | bool = None,
     description: str = "eval",
+    share_images: bool = True,
+    group_images: bool = True,
 ) -> dict[str, Any]:
-    """Run `method` (None: the plain model) over the items in batches; returns the summary dict:
-    accuracy, n, visual_in / visual_tokens (means, into the LLM), base_tflops / method_tflops (mean analytic
-    LLM prefill FLOPs per sample), flops_ratio (mean base / mean method), per_type accuracies, seconds.
-    The plain model is measured with an empty `Compose()` (counts tokens, drops nothing)."""
+    """Run `method` (None: the plain model) over the items; returns the summary dict: accuracy, n,
+    predictions (per item, in the items' order), visual_in / visual_tokens (means, into the LLM),
+    base_tflops / method_tflops (mean analytic LLM prefill FLOPs per sample), flops_ratio (mean base /
+    mean method), per_type accuracies, seconds, questions_per_second. progress: a Progress to add a task
+    to, None for an own bar, False for none.
+
+    Batches are whole image groups of at most `batch_size` questions (`batching.plan_batches`). With
+    `share_images` (default) each distinct image of a batch goes through the vision tower once when the
+    method's pre-LLM stages ask for no vision-tower signals, and the plain model in closed mode computes
+    each image's prompt prefix once for all its questions; answers equal the one-by-one ones up to float
+    rounding (tests/test_eval_batching.py). The plain model is otherwise measured with an empty
+    `Compose()` (counts tokens, drops nothing). group_images=False: batches of consecutive items instead
+    (the loop before image grouping, kept for benchmarks/bench_eval.py)."""
+    start = time.perf_counter()
+    predictions, samples, mode = run_items(loaded, items, method, batch_size, mode, max_new_tokens, progress,
+                                           description, share_images, group_images=group_images)
+    return summarize(items, predictions, samples, method, mode, time.perf_counter() - start)
+
+
+def run_items(
+    loaded: LoadedModel,
+    items: Sequence[Any],
+    method: Method | None,
+    batch_size: int = 32,
+    mode: str = "auto",
+    max_new_tokens: int = 8,
+    progress: Progress | None | bool = None,
+    description: str = "eval",
+    share_images: bool = True,
+    on_batch: Callable[[int, int], None] | None = None,
+    group_images: bool = True,
+) -> tuple[list[str], list[SampleStats], str]:
+    """The work of `evaluate`: -> (predictions in the items' order, per-sample stats, mode used).
+    progress: a Progress to add a task to, None for an own bar, False for none. on_batch(questions,
+    correct) is called after every batch."""
     from leanvlm.methods.base import Compose
 
     if not items:
         raise CLIError("no items to evaluate")
-    predict, mode = make_predictor(loaded, mode, max_new_tokens)
+    if batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {batch_size}")
+    resolved = "closed" if mode == "auto" and loaded.bundled else "generate" if mode == "auto" else mode
+    shared_prefix = share_images and method is None and resolved == "closed"
+    predict, mode = make_predictor(loaded, mode, max_new_tokens, shared_prefix=shared_prefix)
     if mode == "closed":
-        from leanvlm.real_model import ANSWERS
+        from leanvlm.real_model import ANSWERS, prepare_inputs
 
         outside = sorted({it.answer for it in items} - set(ANSWERS))
         if outside:
             raise CLIError(f"answers {', '.join(map(repr, outside[:5]))} are outside the bundled model's closed answer "
                            f"set ({', '.join(ANSWERS)}); score them with --mode generate")
     applied_method = method if method is not None else Compose()
-    correct = 0
-    per_type: dict[str, list[int]] = {}
+    pre_stages, _ = applied_method.stages()
+    needs_tower_signals = any(stage.needs for stage in pre_stages)
+    tower = vision_tower(loaded.model) if share_images and not needs_tower_signals else None
+    groups = group_by_image(items)
+    group_of = {index: g for g, group in enumerate(groups) for index in group}
+    if not group_images:
+        groups = [[index] for index in range(len(items))]
+    predictions: list[str] = [""] * len(items)
+    correct, done = 0, 0
+    samples: list[SampleStats] = []
     own = progress is None
-    bar = progress_bar() if own else progress
+    bar = progress_bar() if own else (progress or None)
     start = time.perf_counter()
-    with bar if own else _null():
-        task = bar.add_task(description, total=len(items), info="")
-        with applied_method.apply(loaded.model), StatsRecorder(loaded.model, applied_method) as recorder:
-            for first in range(0, len(items), batch_size):
-                batch = items[first:first + batch_size]
-                answers = predict([it.image for it in batch], [it.question for it in batch])
-                for item, answer in zip(batch, answers):
-                    ok = is_correct(answer, item.answer)
-                    correct += ok
-                    per_type.setdefault(getattr(item, "qtype", "all"), []).append(int(ok))
-                done = first + len(batch)
-                bar.update(task, advance=len(batch), info=f"acc {correct / done:.3f}")
-        if not own:
+    with (bar if own else nullcontext()), (nullcontext() if shared_prefix else applied_method.apply(loaded.model)), \
+            (SharedVisionEncoding(tower) if tower is not None else nullcontext()), \
+            (nullcontext() if shared_prefix else StatsRecorder(loaded.model, applied_method)) as recorder:
+        task = bar.add_task(description, total=len(items), info="") if bar is not None else None
+        for batch in plan_batches(groups, batch_size):
+            batch_items = [items[i] for i in batch]
+            answers = predict(batch_items, [group_of[i] for i in batch])
+            if shared_prefix:  # no method applied: the plain model's stats from the prompts' token counts
+                inputs = prepare_inputs(loaded.processor, [it.image for it in batch_items], [it.question for it in batch_items])
+                samples.extend(plain_sample_stats(loaded.model, inputs["input_ids"], inputs["attention_mask"]))
+            right = 0
+            for index, answer in zip(batch, answers, strict=True):
+                predictions[index] = answer
+                right += is_correct(answer, items[index].answer)
+            correct += right
+            done += len(batch)
+            if on_batch is not None:
+                on_batch(len(batch), right)
+            if bar is not None:
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                bar.update(task, advance=len(batch), info=f"acc {correct / done:.3f}  {rate:.2f} q/s")
+        if bar is not None and not own:
             bar.remove_task(task)
-    seconds = time.perf_counter() - start
-    summary = summarize_samples(recorder.samples)
+    if recorder is not None:
+        samples = recorder.samples
+    return predictions, samples, mode
+
+
+def summarize(items: Sequence[Any], predictions: Sequence[str], samples: Sequence[SampleStats], method: Method | None,
+              mode: str, seconds: float) -> dict[str, Any]:
+    """The result dict of `evaluate` from per-item predictions and the recorded per-sample stats (any order:
+    only their means are reported)."""
+    per_type: dict[str, list[int]] = {}
+    for item, answer in zip(items, predictions, strict=True):
+        per_type.setdefault(getattr(item, "qtype", "all"), []).append(int(is_correct(answer, item.answer)))
+    correct = sum(sum(v) for v in per_type.values())
+    summary = summarize_samples(samples)
     return {
         "method": "none" if method is None else type(method).__name__.lower(),
         "method_repr": describe_method(method),
@@ -163,15 +275,109 @@ def evaluate(
         "flops_ratio": summary.get("flops_ratio"),
         "token_fraction": summary.get("token_fraction"),
         "seconds": seconds,
+        "questions_per_second": len(items) / seconds if seconds > 0 else None,
+        "predictions": list(predictions),
     }
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+# ------------------------------------------------------------------------------------- several processes
+def _shard_worker(rank: int, processes: int, spec: dict[str, Any], queue: Any) -> None:
+    """One process of `evaluate_processes`: loads the model and the items itself, evaluates the image groups
+    rank, rank + processes, ... and puts ("batch", questions, correct) messages, then ("done", rank,
+    indices, predictions, samples, mode) or ("error", rank, message) on `queue`."""
+    try:
+        import torch as _torch
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+        from leanvlm.cli.common import load_model
+
+        _torch.set_num_threads(spec["threads"])
+        items = load_items(spec["dataset"], spec["limit"], spec["split"])
+        groups = group_by_image(items)
+        mine = sorted(i for group in groups[rank::processes] for i in group)
+        if not mine:
+            queue.put(("done", rank, [], [], [], spec["mode"]))
+            return
+        loaded = load_model(spec["model"], spec["device"], spec["dtype"])
+        predictions, samples, mode = run_items(
+            loaded, [items[i] for i in mine], spec["method"], spec["batch_size"], spec["mode"], spec["max_new_tokens"],
+            progress=False, share_images=spec["share_images"],
+            on_batch=lambda questions, correct: queue.put(("batch", questions, correct)))
+        queue.put(("done", rank, mine, predictions, samples, mode))
+    except BaseException as error:  # reported by the parent as one line
+        queue.put(("error", rank, f"{type(error).__name__}: {error}"))
+
+
+def evaluate_processes(
+    dataset: str,
+    limit: int | None,
+    split: str,
+    model: str | None,
+    method: Method | None,
+    processes: int,
+    batch_size: int = 32,
+    mode: str = "auto",
+    max_new_tokens: int = 8,
+    device: str | None = None,
+    dtype: str = "auto",
+    share_images: bool = True,
+    description: str = "eval",
+) -> dict[str, Any]:
+    """`evaluate` over `processes` local processes (multiprocessing, spawn): each loads the model and the
+    items, takes every processes-th image group, and sends back its predictions and per-sample stats; the
+    parent gathers them into the same result as one process (same predictions, accuracy and stats means
+    up to float rounding; tests/test_eval_batching.py). CPU threads are split evenly between them."""
+    import multiprocessing
+
+    if processes < 1:
+        raise CLIError(f"--processes must be >= 1, got {processes}")
+    items = load_items(dataset, limit, split)
+    spec = {"dataset": dataset, "limit": limit, "split": split, "model": model, "method": method,
+            "batch_size": batch_size, "mode": mode, "max_new_tokens": max_new_tokens, "device": device,
+            "dtype": dtype, "share_images": share_images, "threads": max(1, torch.get_num_threads() // processes)}
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_shard_worker, args=(rank, processes, spec, queue), daemon=True)
+               for rank in range(processes)]
+    start = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    predictions: list[str] = [""] * len(items)
+    samples: list[list[SampleStats]] = [[] for _ in range(processes)]
+    modes: set[str] = set()
+    finished, done, correct = 0, 0, 0
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task(f"{description} ({processes} processes)", total=len(items), info="")
+            while finished < processes:
+                try:
+                    message = queue.get(timeout=5)
+                except Exception:  # queue.Empty: check that no worker died without a word
+                    dead = [w for w in workers if w.exitcode not in (None, 0)]
+                    if dead:
+                        raise CLIError(f"an evaluation process exited with code {dead[0].exitcode}")
+                    continue
+                if message[0] == "error":
+                    raise CLIError(f"process {message[1]}: {message[2]}")
+                if message[0] == "batch":
+                    done += message[1]
+                    correct += message[2]
+                    rate = done / max(time.perf_counter() - start, 1e-9)
+                    bar.update(task, advance=message[1], info=f"acc {correct / max(done, 1):.3f}  {rate:.2f} q/s")
+                    continue
+                _, rank, indices, shard_predictions, shard_samples, shard_mode = message
+                for index, answer in zip(indices, shard_predictions, strict=True):
+                    predictions[index] = answer
+                samples[rank] = shard_samples
+                if indices:  # an empty shard never resolved "auto"
+                    modes.add(shard_mode)
+                finished += 1
+    finally:
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.terminate()
+    gathered = [sample for shard in samples for sample in shard]
+    return summarize(items, predictions, gathered, method, modes.pop(), time.perf_counter() - start)
 
 
 # -------------------------------------------------------------------------------------------------- sweep

@@ -1,0 +1,39 @@
+"""benchmarks/bench_speed.py helpers: the CUDA variant skips cleanly without a GPU, and the mixed-length
+batch keeps every prompt's visual span and left-pads them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_speed", os.path.join(ROOT, "benchmarks", "bench_speed.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_speed"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_variant_skips_without_gpu(monkeypatch, capsys, tmp_path):
+    bench = load_bench()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--device", "cuda", "--out", str(tmp_path)]) == []
+    assert "needs a CUDA GPU" in capsys.readouterr().out and not any(tmp_path.iterdir())
+
+
+def test_mixed_batch_left_padded_with_whole_visual_span():
+    bench = load_bench()
+    ids = torch.cat([torch.arange(1000, 1014), torch.full((36,), bench.IMAGE_TOKEN), torch.arange(2000, 2086)])[None]
+    workload = bench.Workload("image", 0, ids, {}, 0.0, {})
+    input_ids, mask = bench.mixed_batch(workload, 4, pad_id=7)
+    lengths = mask.sum(1).tolist()
+    assert lengths == [136, 124, 112, 100] and input_ids.shape == (4, 136)
+    assert bool(mask[:, -1].all())  # left padded: every row ends with a real token
+    assert ((input_ids == bench.IMAGE_TOKEN).sum(1) == 36).all()
+    assert (input_ids[mask == 0] == 7).all()
