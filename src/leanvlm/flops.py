@@ -193,7 +193,7 @@ class VisionShape:
         patch = int(patch[0] if isinstance(patch, Sequence) else patch)
         side = int(image_size or (size[0] if isinstance(size, Sequence) else size)) // patch
         model_type = str(_get(vision, "model_type", default=""))
-        cls_tokens = 1 if "clip" in model_type and "siglip" not in model_type else 0
+        cls_tokens = 1 if ("clip" in model_type and "siglip" not in model_type) or "dinov2" in model_type else 0
         feature_layer = _get(config, "vision_feature_layer", default=-1)
         projector_in = hidden * (len(feature_layer) if isinstance(feature_layer, Sequence) else 1)
         llm_hidden = LLMShape.from_config(config).hidden
@@ -206,9 +206,11 @@ class VisionShape:
                        projector=(hidden * scale * scale, llm_hidden), projector_tokens=side * side // (scale * scale))
         # "default" drops the CLS token before the projector, "full" keeps it.
         strategy = _get(config, "vision_feature_select_strategy", default="default")
+        # DINOv2 configs give the MLP width as mlp_ratio x hidden instead of intermediate_size
+        intermediate = _get(vision, "intermediate_size", default=None) or hidden * float(_get(vision, "mlp_ratio", default=4))
         return cls(
             hidden=hidden,
-            intermediate=int(_get(vision, "intermediate_size")),
+            intermediate=int(intermediate),
             heads=int(_get(vision, "num_attention_heads")),
             layers=int(_get(vision, "num_hidden_layers")),
             patches=side * side,

@@ -222,7 +222,7 @@ def run(
 ))
 @_guard
 def eval_command(
-    dataset: str = typer.Option("easyvqa", "--dataset", "-d", help="easyvqa, scenes, or a directory with images/N.png + questions.json."),
+    dataset: str = typer.Option("easyvqa", "--dataset", "-d", help="easyvqa, scenes, clips (video), or a directory: images/N.png or videos/N/ | videos/N.gif + questions.json."),
     method: str = MethodOpt,
     opt: Optional[list[str]] = OptsOpt,
     keep: Optional[float] = KeepOpt,
@@ -241,7 +241,7 @@ def eval_command(
     Prints accuracy, mean visual tokens into the LLM, mean analytic LLM prefill FLOPs and the ratio full /
     method; --json FILE writes them as one object (accuracy, n, flops_ratio, visual_tokens, ...).
     """
-    from leanvlm.cli.eval import evaluate, evaluate_processes, load_items
+    from leanvlm.cli.eval import evaluate, evaluate_processes, is_video, load_items
 
     check_at_least("--limit", limit)
     check_at_least("--batch-size", batch_size)
@@ -254,7 +254,7 @@ def eval_command(
         name = "bundled real model" if model in (None, "", "bundled", "real") else model
     else:
         items = load_items(dataset, limit, split)
-        loaded = load_model(model, device, dtype)
+        loaded = load_model(model, device, dtype, video=is_video(items[0]))
         result = evaluate(loaded, items, chosen, batch_size=batch_size, mode=mode, description=f"{method} on {dataset}")
         name = loaded.name
     result = {"dataset": dataset, "split": split, "model": name, **result, "method": method.strip().lower(),
@@ -284,7 +284,7 @@ def eval_command(
 ))
 @_guard
 def sweep(
-    dataset: str = typer.Option("easyvqa", "--dataset", "-d", help="easyvqa, scenes, or a directory (see eval)."),
+    dataset: str = typer.Option("easyvqa", "--dataset", "-d", help="easyvqa, scenes, clips, or a directory (see eval)."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated method names (default: all registered)."),
     budgets: str = typer.Option("1/2,1/4,1/7,1/10", "--budgets", help="Prefill FLOPs budgets as fractions of the full model."),
     limit: Optional[int] = typer.Option(200, "--limit", "-n", help="Items per run."),
@@ -307,6 +307,7 @@ def sweep(
     from leanvlm.cli.eval import (
         analytic_ratio,
         evaluate,
+        is_video,
         load_items,
         markdown_table,
         method_for_flops,
@@ -327,16 +328,17 @@ def sweep(
         raise CLIError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(method_names())}")
     targets = parse_ratios(budgets)
     items = load_items(dataset, limit, split)
-    loaded = load_model(model, device, dtype)
+    frames = len(items[0].frames) if is_video(items[0]) else 1
+    loaded = load_model(model, device, dtype, video=frames > 1 or is_video(items[0]))
     visual, text = prompt_shape(loaded, items[0])
     plan, skipped = [], []
     for name in names:
         if not has_budget_mapping(name):  # input-dependent budget (ITP): one run at its defaults
             chosen = make_method(name)
-            plan.append((name, None, chosen, None, analytic_ratio(chosen, loaded.model.config, visual, text)))
+            plan.append((name, None, chosen, None, analytic_ratio(chosen, loaded.model.config, visual, text, frames)))
             continue
         for target in targets:
-            chosen, budget, achieved = method_for_flops(name, target, loaded.model.config, visual, text)
+            chosen, budget, achieved = method_for_flops(name, target, loaded.model.config, visual, text, frames=frames)
             if chosen is None:
                 skipped.append({"method": name, "target": target, "closest_ratio": achieved})
             else:
@@ -356,7 +358,7 @@ def sweep(
     stem = f"sweep-{Path(dataset).name if os.path.isdir(dataset) else dataset}"
     out.mkdir(parents=True, exist_ok=True)
     result = {"dataset": dataset, "split": split, "n": len(items), "model": loaded.name,
-              "prompt_visual_tokens": visual, "prompt_text_tokens": text, "baseline": baseline, "rows": rows,
+              "prompt_visual_tokens": visual, "prompt_text_tokens": text, "frames": frames, "baseline": baseline, "rows": rows,
               "skipped": skipped}
     dump_json(result, str(out / f"{stem}.json"))
     title = f"Sweep on {dataset} ({len(items)} questions, {loaded.name})"

@@ -20,14 +20,17 @@ from leanvlm.hub import StatsRecorder, build_inputs, summarize_samples
 from leanvlm.methods.base import Method
 from leanvlm.stats import SampleStats
 
-DATASETS = ("easyvqa", "scenes")
+DATASETS = ("easyvqa", "scenes", "clips")
 
 
 # ----------------------------------------------------------------------------------------------- datasets
-def load_items(dataset: str, limit: int | None = None, split: str = "test", seed: int = 0) -> list[Any]:
-    """VQA items (image, question, answer, qtype) of "easyvqa", "scenes" or a directory in easy-VQA's layout
-    (images/N.png + questions.json rows [question, answer, N]). limit: the first N items."""
-    from leanvlm.real_model import data
+def load_items(dataset: str, limit: int | None = None, split: str = "test", seed: int = 0,
+               frames: int | None = None) -> list[Any]:
+    """VQA items of "easyvqa", "scenes" (VQAItem: image, question, answer, qtype), "clips" (ClipItem: frames,
+    ...) or a directory: easy-VQA's layout (images/N.png + questions.json rows [question, answer, N]) or
+    the same with videos/N/ frame folders or videos/N.gif|mp4 files (`clips.load_clip_dir`; `frames`
+    sampled per clip, default 8). limit: the first N items."""
+    from leanvlm.real_model import clips, data
 
     if dataset == "easyvqa":
         try:
@@ -37,21 +40,35 @@ def load_items(dataset: str, limit: int | None = None, split: str = "test", seed
     elif dataset == "scenes":
         scenes = 100 if limit is None else max(1, math.ceil(limit / 3))
         items = data.scenes(split, scenes, seed=seed)
+    elif dataset == "clips":
+        items = clips.clips(split, 40 if limit is None else max(1, math.ceil(limit / 5)), seed=seed)
     elif os.path.isdir(dataset):
         if not os.path.exists(os.path.join(dataset, "questions.json")):
-            raise CLIError(f"{dataset!r} has no questions.json (expected easy-VQA's layout: images/N.png + questions.json)")
+            raise CLIError(f"{dataset!r} has no questions.json (expected easy-VQA's layout: images/N.png or "
+                           "videos/N/ | videos/N.gif + questions.json)")
+        prefix = os.path.basename(os.path.normpath(dataset)) + "-"
         try:
-            items = data.load_vqa_dir(dataset, prefix=os.path.basename(os.path.normpath(dataset)) + "-")
+            if os.path.isdir(os.path.join(dataset, "videos")):
+                from leanvlm.hub import load_video
+
+                items = clips.load_clip_dir(dataset, load_video, frames or clips.FRAMES, prefix=prefix)
+            else:
+                items = data.load_vqa_dir(dataset, prefix=prefix)
         except ValueError as error:
             raise CLIError(str(error)) from error
     else:
-        raise CLIError(f"unknown dataset {dataset!r}: use easyvqa, scenes or a directory")
+        raise CLIError(f"unknown dataset {dataset!r}: use easyvqa, scenes, clips or a directory")
     if limit is not None and limit < 1:
         raise CLIError(f"--limit must be >= 1, got {limit}")
     items = items[:limit] if limit is not None else items
     if not items:
         raise CLIError(f"dataset {dataset!r} has no questions")
     return items
+
+
+def is_video(item: Any) -> bool:
+    """An item about a clip (ClipItem: `.frames`) rather than an image."""
+    return hasattr(item, "frames")
 
 
 def normalize(text: str) -> str:
@@ -71,9 +88,9 @@ def make_predictor(loaded: LoadedModel, mode: str = "auto", max_new_tokens: int 
                    shared_prefix: bool = False) -> tuple[Predictor, str]:
     """(predict(items, group ids) -> answers, mode name). Rows with the same group id ask about one image.
 
-    "closed" (default for the bundled model): one forward pass per batch, the last position's logits
-    restricted to the first token of each answer of the closed answer set (`real_model.ANSWERS`), as the
-    bundled model's own metrics are measured; with `shared_prefix` (the plain model only) each image's
+    "closed" (default for the bundled models): one forward pass per batch, the last position's logits
+    restricted to the first token of each answer of the closed answer set (`real_model.ANSWERS`; for clips
+    `clips.CLIP_ANSWERS`), as the bundled models' own metrics are measured; with `shared_prefix` (the plain model only) each image's
     prompt prefix is computed once for its questions (`batching.shared_prefix_last_logits`). "generate"
     (default for other models): greedy generation of up to max_new_tokens, scored by `is_correct`.
     """
@@ -86,17 +103,26 @@ def make_predictor(loaded: LoadedModel, mode: str = "auto", max_new_tokens: int 
         from leanvlm.models import get_adapter
         from leanvlm.real_model import ANSWERS, answer_token_ids, prepare_inputs
 
-        candidates = answer_token_ids(processor)
+        from leanvlm.real_model.clips import CLIP_ANSWERS
+        from leanvlm.real_model.video_model import clip_answer_token_ids, prepare_video_inputs
+
         visual_ids = get_adapter(model).visual_token_ids
 
         @torch.no_grad()
         def closed(items: list[Any], groups: list[int]) -> list[str]:
-            inputs = prepare_inputs(processor, [it.image for it in items], [it.question for it in items]).to(model.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            questions = [it.question for it in items]
+            if is_video(items[0]):
+                answers, candidates = CLIP_ANSWERS, clip_answer_token_ids(processor)
+                inputs = prepare_video_inputs(processor, [it.frames for it in items], questions).to(model.device)
+                inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)
+            else:
+                answers, candidates = ANSWERS, answer_token_ids(processor)
+                inputs = prepare_inputs(processor, [it.image for it in items], questions).to(model.device)
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             logits = shared_prefix_last_logits(model, inputs, groups, visual_ids) if shared_prefix else None
             if logits is None:
                 logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # [B, vocab]
-            return [ANSWERS[i] for i in logits[:, candidates].argmax(-1).tolist()]
+            return [answers[i] for i in logits[:, candidates].argmax(-1).tolist()]
 
         return closed, mode
     if mode != "generate":
@@ -105,7 +131,7 @@ def make_predictor(loaded: LoadedModel, mode: str = "auto", max_new_tokens: int 
     @torch.no_grad()
     def predict(items: list[Any], groups: list[int]) -> list[str]:
         parameter = next(model.parameters())
-        inputs = build_inputs(processor, [("image", it.image) for it in items], [it.question for it in items],
+        inputs = build_inputs(processor, [it.media for it in items], [it.question for it in items],
                               parameter.device, parameter.dtype)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         tokenizer = getattr(processor, "tokenizer", processor)
@@ -200,15 +226,22 @@ def run_items(
     if batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {batch_size}")
     resolved = "closed" if mode == "auto" and loaded.bundled else "generate" if mode == "auto" else mode
+    video = is_video(items[0])
+    if any(is_video(it) != video for it in items):
+        raise CLIError("a dataset mixes images and clips; evaluate them separately")
+    # clips: no shared prefix or vision-tower de-duplication (both are written for one image per prompt)
+    share_images = share_images and not video
     shared_prefix = share_images and method is None and resolved == "closed"
     predict, mode = make_predictor(loaded, mode, max_new_tokens, shared_prefix=shared_prefix)
     if mode == "closed":
         from leanvlm.real_model import ANSWERS, prepare_inputs
+        from leanvlm.real_model.clips import CLIP_ANSWERS
 
-        outside = sorted({it.answer for it in items} - set(ANSWERS))
+        closed_set = CLIP_ANSWERS if video else ANSWERS
+        outside = sorted({it.answer for it in items} - set(closed_set))
         if outside:
             raise CLIError(f"answers {', '.join(map(repr, outside[:5]))} are outside the bundled model's closed answer "
-                           f"set ({', '.join(ANSWERS)}); score them with --mode generate")
+                           f"set ({', '.join(closed_set)}); score them with --mode generate")
     applied_method = method if method is not None else Compose()
     pre_stages, _ = applied_method.stages()
     needs_tower_signals = any(stage.needs for stage in pre_stages)
@@ -277,6 +310,7 @@ def summarize(items: Sequence[Any], predictions: Sequence[str], samples: Sequenc
         "seconds": seconds,
         "questions_per_second": len(items) / seconds if seconds > 0 else None,
         "predictions": list(predictions),
+        **({"frames": len(items[0].frames)} if is_video(items[0]) else {}),
     }
 
 
@@ -297,7 +331,7 @@ def _shard_worker(rank: int, processes: int, spec: dict[str, Any], queue: Any) -
         if not mine:
             queue.put(("done", rank, [], [], [], spec["mode"]))
             return
-        loaded = load_model(spec["model"], spec["device"], spec["dtype"])
+        loaded = load_model(spec["model"], spec["device"], spec["dtype"], video=is_video(items[0]))
         predictions, samples, mode = run_items(
             loaded, [items[i] for i in mine], spec["method"], spec["batch_size"], spec["mode"], spec["max_new_tokens"],
             progress=False, share_images=spec["share_images"],
@@ -385,24 +419,27 @@ def prompt_shape(loaded: LoadedModel, item: Any) -> tuple[int, int]:
     """(visual tokens, other tokens) of one item's prompt as the model's processor builds it."""
     from leanvlm.models import get_adapter
 
-    inputs = build_inputs(loaded.processor, [("image", item.image)], [item.question])
+    inputs = build_inputs(loaded.processor, [item.media], [item.question])
     ids = inputs["input_ids"][0]
     visual = int(torch.isin(ids, torch.tensor(get_adapter(loaded.model).visual_token_ids)).sum())
+    if is_video(item):  # OneVision-style: frames x pooled tokens + one newline, which the runtime protects
+        visual -= visual % len(item.frames)
     return visual, int(ids.numel()) - visual
 
 
-def analytic_ratio(method: Method, config: Any, visual_tokens: int, text_tokens: int) -> float:
-    """Full / method analytic LLM prefill FLOPs of `method` on one image of `visual_tokens` + text."""
+def analytic_ratio(method: Method, config: Any, visual_tokens: int, text_tokens: int, frames: int = 1) -> float:
+    """Full / method analytic LLM prefill FLOPs of `method` on one image (or `frames` frames) of
+    `visual_tokens` in all + text."""
     from leanvlm import flops as F
 
     shape = F.LLMShape.from_config(config)
-    workload = F.Workload(llm=shape, tokens_per_frame=visual_tokens, frames=1, text_tokens=text_tokens)
+    workload = F.Workload(llm=shape, tokens_per_frame=visual_tokens // frames, frames=frames, text_tokens=text_tokens)
     base = F.llm_prefill_flops(workload.base_tokens_per_layer(), shape)
     return base / F.llm_prefill_flops(F.stages_cost(method, workload).per_layer_tokens, shape)
 
 
 def method_for_flops(name: str, target_ratio: float, config: Any, visual_tokens: int, text_tokens: int,
-                     tolerance: float = 0.03) -> tuple[Method | None, float, float]:
+                     tolerance: float = 0.03, frames: int = 1) -> tuple[Method | None, float, float]:
     """The method `name` configured so that its analytic prefill FLOPs are `target_ratio` of the full model.
 
     Bisection on the registry's visual-token budget (`registry.budget_options`), which every method maps to
@@ -415,7 +452,7 @@ def method_for_flops(name: str, target_ratio: float, config: Any, visual_tokens:
     def attempt(budget: float) -> tuple[Method | None, float]:
         try:
             method = method_for_budget(name, budget, config)
-            return method, analytic_ratio(method, config, visual_tokens, text_tokens)
+            return method, analytic_ratio(method, config, visual_tokens, text_tokens, frames)
         except ValueError:
             return None, math.inf  # too small a budget for this method's knobs
 

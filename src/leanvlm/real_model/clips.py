@@ -49,6 +49,16 @@ class ClipItem:
     qtype: str
     clip_key: str
 
+    @property
+    def media(self) -> tuple[str, list[Image.Image]]:
+        """("video", frames), as `leanvlm.hub.build_inputs` takes it."""
+        return "video", list(self.frames)
+
+    @property
+    def image_key(self) -> str:
+        """What identifies the clip (the evaluation harness groups questions by it)."""
+        return self.clip_key
+
 
 @dataclass(frozen=True)
 class _Object:

@@ -47,6 +47,11 @@ class VQAItem:
     qtype: str
     image_key: str
 
+    @property
+    def media(self) -> tuple[str, Image.Image]:
+        """("image", image), as `leanvlm.hub.build_inputs` takes it."""
+        return "image", self.image
+
 
 def question_type(answer: str) -> str:
     """Question type from the answer: "shape", "color", "yes/no" (easy-VQA's), "count" (the scenes'

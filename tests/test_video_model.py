@@ -1,0 +1,104 @@
+"""Integration tests of the bundled video model (real_model/video_model.py): a stock
+LlavaOnevisionForConditionalGeneration carrying the image model's parts plus the trained video adapter.
+
+The image and video bases are built once per module into a temporary cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanvlm import AIM
+from leanvlm.real_model import load_real_model
+from leanvlm.real_model.clips import clips
+from leanvlm.real_model.video_model import (
+    build_video_base,
+    load_real_video_model,
+    num_video_tokens,
+    prepare_video_inputs,
+    score_clip_answers,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("leanvlm_cache"))
+
+
+@pytest.fixture(scope="module")
+def video_model(cache_dir):
+    torch.set_num_threads(2)
+    return load_real_video_model(cache_dir=cache_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fixed_clips():
+    """One question about each of 10 fixed test clips, the question types in turn."""
+    items = clips("test", 10, 7)
+    return [items[5 * k + k % 5] for k in range(10)]
+
+
+def test_video_tower_computes_the_image_towers_features(cache_dir):
+    """The OneVision tower (config image_size 224, pre-interpolated position embeddings) reproduces the
+    image model's DINOv2 (image_size 518, interpolating at run time) on a real 224 px frame."""
+    image_model, processor = load_real_model(cache_dir=cache_dir, progress=False)
+    video_base, _ = build_video_base(image_model, processor.tokenizer)
+    pixels = processor.image_processor([clips("test", 1, 0)[0].frames[0]], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        ours = video_base.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        reference = image_model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    for layer in (4, 12):
+        assert torch.allclose(ours[layer], reference[layer], atol=1e-5)
+
+
+def test_processor_lays_out_one_clip_as_513_tokens(video_model, fixed_clips):
+    model, processor = video_model
+    batch = prepare_video_inputs(processor, [fixed_clips[0].frames, fixed_clips[1].frames], ["a?", "a longer question?"])
+    assert batch["pixel_values_videos"].shape == (2, 8, 3, 224, 224)
+    assert (batch["input_ids"] == model.config.video_token_id).sum(1).tolist() == [num_video_tokens(8)] * 2 == [513, 513]
+    with pytest.raises(ValueError, match="same number of frames"):
+        prepare_video_inputs(processor, [fixed_clips[0].frames, fixed_clips[1].frames[:4]], ["a?", "b?"])
+
+
+def test_answers_fixed_test_clips_and_aim_keeps_them(video_model, fixed_clips):
+    model, processor = video_model
+    videos, questions = [i.frames for i in fixed_clips], [i.question for i in fixed_clips]
+    truth = [i.answer for i in fixed_clips]
+    plain = score_clip_answers(model, processor, videos, questions)
+    assert sum(p == t for p, t in zip(plain, truth)) >= 9, list(zip(questions, plain, truth))
+    method = AIM()
+    with method.apply(model):
+        reduced = score_clip_answers(model, processor, videos, questions)
+    assert method.stats.samples[0].flops_ratio >= 5.0
+    assert sum(r == t for r, t in zip(reduced, truth)) >= sum(p == t for p, t in zip(plain, truth)) - 1
+
+
+def test_cached_generate_equals_uncached_on_a_real_clip(video_model, fixed_clips):
+    model, processor = video_model
+    inputs = prepare_video_inputs(processor, [fixed_clips[3].frames], [fixed_clips[3].question])
+    with torch.no_grad(), AIM().apply(model):
+        cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_measured_flops_ratio_matches_the_calculator_on_the_shipped_config(video_model, fixed_clips):
+    """What the runtime reports for AIM on a real clip equals `leanvlm flops --config weights_video/config.json
+    --frames 8 --text-tokens T` (T: the prompt's non-visual tokens) within 1%."""
+    import os
+
+    from leanvlm import flops as F
+    from leanvlm.real_model.video_model import WEIGHTS_VIDEO_DIR
+
+    model, processor = video_model
+    inputs = prepare_video_inputs(processor, [fixed_clips[0].frames], [fixed_clips[0].question])
+    method = AIM()
+    with torch.no_grad(), method.apply(model):
+        model(**inputs)
+    measured = method.stats.samples[0]
+    text = inputs["input_ids"].shape[1] - 8 * 64  # the newline counts as text, as the runtime counts it
+    report = F.flops(os.path.join(WEIGHTS_VIDEO_DIR, "config.json"), frames=8, text_tokens=text, method="aim")
+    assert abs(measured.flops_ratio / report.ratio - 1) < 0.01
