@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageSequence, UnidentifiedImageError
 
 from leanvlm.methods.base import Method
 from leanvlm.stats import ReductionStats, SampleStats
@@ -87,11 +87,16 @@ def _open_image(path: str) -> Image.Image:
     """The file decoded as RGB, or ValueError naming it (not an image, truncated, empty)."""
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path!r} is an empty file, not an image")
+    # decode now, so a truncated file fails here and not inside the processor; some libraries (lmms-eval)
+    # set PIL's process-wide LOAD_TRUNCATED_IMAGES, which would silently pad it with grey
+    tolerant, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # decodes now: a truncated file fails here, not inside the processor
+            return im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"cannot read {path!r} as an image: {error}") from error
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
 
 
 def _checked(image: Image.Image, what: str) -> Image.Image:
