@@ -4,6 +4,7 @@
 |-------------------|-----------------------------------------------------|
 | `leanvlm_easyvqa` | `leanvlm eval --dataset easyvqa` (test split, 9,673) |
 | `leanvlm_scenes`  | `leanvlm eval --dataset scenes` (test, 100 scenes)   |
+| `leanvlm_clips`   | `leanvlm eval --dataset clips` (test, 40 clips)      |
 
 The YAML files next to this module are the tasks; lmms-eval finds them because the plugin's model entry
 point adds this directory to lmms-eval's task index (`register_tasks`), or explicitly with
@@ -12,11 +13,14 @@ point adds this directory to lmms-eval's task index (`register_tasks`), or expli
 A task file names its dataset with `dataset_path: !function leanvlm.integrations.lmms_tasks.prepared_NAME`:
 reading that attribute loads `leanvlm.cli.eval.load_items(NAME)` and writes the documents to a temporary
 Arrow directory that lmms-eval opens with `load_from_disk`. So a new task is one YAML file of three lines,
-e.g. `leanvlm_clips.yaml` once `load_items("clips")` returns `leanvlm.real_model.clips` items:
+as `leanvlm_clips.yaml`:
 
     task: leanvlm_clips
     dataset_path: !function leanvlm.integrations.lmms_tasks.prepared_clips
     include: _leanvlm_vqa_yaml
+
+(The bundled video model is not an lmms-eval model yet: its frames processor is not what lmms-eval's
+llava_onevision class loads; `leanvlm_clips` runs with a stock OneVision checkpoint.)
 
 Documents: {"leanvlm_id": "easyvqa-test-17", "question", "answer", "qtype", "images": [PIL images]} (a VQA
 item's image, or a clip item's frames: `documents`). Scoring is `leanvlm eval`'s
