@@ -52,6 +52,7 @@ class MethodCase:
     make: Callable[[], leanvlm.Method]
     layer_visual: Callable[[list[int], int], list[int]] | None  # None: input-dependent, not checked
     changes: bool = True
+    full_only: bool = False  # a wave-2 peer: its cells are `matrix_full` (CI and the support-matrix script)
 
 
 def _aim_layers(frames: list[int], layers: int) -> list[int]:
@@ -72,6 +73,16 @@ METHODS = [
     MethodCase("pyramiddrop", lambda: make_method("pyramiddrop", layers=[1, 2], ratios=[0.5, 0.5]), None),
     MethodCase("random", lambda: make_method("random", keep=0.5), None),
     MethodCase("pool", lambda: make_method("pool"), None),
+    # the wave-2 peers (issue 21): every family in CI, not in the default run (their own files test them on
+    # LLaVA / OneVision / Qwen2-VL by default)
+    *[MethodCase(name, make, None, full_only=True) for name, make in (
+        ("divprune", lambda: make_method("divprune", keep=0.5)),
+        ("cdpruner", lambda: make_method("cdpruner", keep=0.5)),
+        ("vispruner", lambda: make_method("vispruner", keep=0.5)),
+        ("dart", lambda: make_method("dart", layer=1, keep=0.5)),
+        ("holitom", lambda: make_method("holitom", keep=0.5)),
+        ("fastvid", lambda: make_method("fastvid", keep=0.5)),
+    )],
 ]
 METHOD_BY_NAME = {case.name: case for case in METHODS}
 
@@ -134,7 +145,7 @@ def frame_tokens(family: Family, model, prompt: list) -> list[int]:
     return frames
 
 
-CELLS = [(family, method.name, modality, attn)
+CELLS = [pytest.param(family, method.name, modality, attn, marks=[pytest.mark.matrix_full] if method.full_only else [])
          for family, fam in FAMILIES.items() for modality in modalities(fam) for method in METHODS for attn in ATTN]
 cells = pytest.mark.parametrize("family, method, modality, attn", CELLS)
 

@@ -82,7 +82,8 @@ def alone(family: str, model, samples: list[list], row: int) -> dict[str, torch.
 # every method meets both checks on some family); the rest carries `matrix_full` (`pytest -m matrix_full`,
 # run by CI; `-m support_matrix` runs them all).
 ALL_CELLS = [(family, case.name, MODALITY, attn) for family in FAMILIES_A for case in METHODS for attn in ATTN]
-PAIRS = [(i, j, family, case.name) for i, family in enumerate(FAMILIES_A) for j, case in enumerate(METHODS)]
+PAIRS = [(i, j, family, case.name) for i, family in enumerate(FAMILIES_A)
+         for j, case in enumerate(c for c in METHODS if not c.full_only)]
 FAST = {
     "logits": {(family, method, ATTN[(i + j) % 2]) for i, j, family, method in PAIRS},
     "generate": {(family, method, ATTN[(i + j) // 2 % 2]) for i, j, family, method in PAIRS if (i + j) % 2 == 0},

@@ -75,7 +75,7 @@ def _fast(family: str, method: str, modality: str, attn: str) -> bool:
 
 CELLS = [(family, method.name, modality, attn)
          for family, fam in FAMILIES_B.items() for modality in modalities(fam) for method in METHODS for attn in ATTN
-         if FULL or _fast(family, method.name, modality, attn)]
+         if FULL or (_fast(family, method.name, modality, attn) and not method.full_only)]
 cells = pytest.mark.parametrize("family, method, modality, attn", CELLS)
 
 

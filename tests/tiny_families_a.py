@@ -110,10 +110,14 @@ class Gemma3(_GridFamily):
 
     def build(self, attn: str = "sdpa", layers: int = 4, seed: int = 0):
         model = super().build(attn, layers, seed)
-        # random init leaves the projector at zero (all image features equal): give it random weights
+        # random init leaves the projector at zero (all image features equal) and every q / k norm weight at
+        # zero (so every key has the same norm, as no trained model does): give them random weights
+        generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            weight = model.model.multi_modal_projector.mm_input_projection_weight
-            weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.5, generator=generator)
+            for name, parameter in model.model.language_model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    parameter.normal_(0, 0.5, generator=generator)
         return model
 
 

@@ -60,7 +60,14 @@ class Qwen3VL(_Qwen):
                                    video_token_id=VIDEO, vision_start_token_id=VISION_START,
                                    vision_end_token_id=VISION_END, tie_word_embeddings=False)
         config._attn_implementation = attn
-        return _finish(self.model_class(config), attn)
+        model = self.model_class(config)
+        # q / k norm weights start at one, so every key would have the same norm (as no trained model does)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in model.model.language_model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    parameter.copy_(1 + 0.5 * torch.randn(parameter.shape, generator=generator))
+        return _finish(model, attn)
 
     def inputs(self, model, prompts: list[list], seed: int = 0) -> dict[str, torch.Tensor]:
         rows, types = [], []
