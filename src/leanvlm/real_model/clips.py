@@ -18,7 +18,6 @@ Deterministic given (split, seed); train, test and heldout come from different r
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -26,7 +25,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from leanvlm.real_model.data import _SUPERSAMPLE, COLORS, SHAPES, _draw_shape, question_type
+from leanvlm.real_model.data import _SUPERSAMPLE, COLORS, SHAPES, _draw_shape, question_type, read_question_rows
 
 FRAMES = 8
 FRAME_SIZE = 112
@@ -186,23 +185,10 @@ def load_clip_dir(directory: str, read_video: Callable[[str, int], list[Image.Im
     uniformly (first and last included). ValueError naming the file and row for anything malformed.
     """
     path = os.path.join(directory, "questions.json")
-    try:
-        with open(path) as f:
-            rows = json.load(f)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of [question, answer, clip number] rows, got {type(rows).__name__}")
     videos_dir = os.path.join(directory, "videos")
     loaded: dict[int, tuple[Image.Image, ...]] = {}
     items = []
-    for number, row in enumerate(rows):
-        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
-                and isinstance(row[2], int) and not isinstance(row[2], bool)):
-            raise ValueError(f"{path}: row {number} must be [question, answer, clip number], got {row!r}")
-        question, answer, clip_id = row
-        if not question.strip():
-            raise ValueError(f"{path}: row {number} has an empty question")
+    for number, question, answer, clip_id in read_question_rows(path, "clip"):
         if clip_id not in loaded:
             loaded[clip_id] = tuple(_read_clip(videos_dir, clip_id, read_video, num_frames, f"{path}: row {number}"))
         qtype = _clip_question_type(answer)

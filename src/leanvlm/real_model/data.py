@@ -67,6 +67,28 @@ def question_type(answer: str) -> str:
     return "other"
 
 
+def read_question_rows(path: str, media: str = "image") -> list[tuple[int, str, str, int]]:
+    """The rows of a `questions.json`: a JSON list of `[question, answer, N]` (N: the `media` file's number)
+    -> [(row number, question, answer, N)]. ValueError naming the file and the row for malformed JSON, a bad
+    row or an empty question."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of [question, answer, {media} number] rows, got {type(rows).__name__}")
+    out = []
+    for number, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
+                and isinstance(row[2], int) and not isinstance(row[2], bool)):
+            raise ValueError(f"{path}: row {number} must be [question, answer, {media} number], got {row!r}")
+        if not row[0].strip():
+            raise ValueError(f"{path}: row {number} has an empty question")
+        out.append((number, *row))
+    return out
+
+
 def load_vqa_dir(directory: str, prefix: str = "") -> list[VQAItem]:
     """Items of a directory in easy-VQA's layout: `images/N.png` and `questions.json`, a JSON list of
     `[question, answer, N]` rows (N: the image file's number; any answer string).
@@ -75,22 +97,9 @@ def load_vqa_dir(directory: str, prefix: str = "") -> list[VQAItem]:
     ValueError naming the file and the row for malformed JSON, a bad row or a missing / unreadable image.
     """
     path = os.path.join(directory, "questions.json")
-    try:
-        with open(path) as f:
-            rows = json.load(f)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of [question, answer, image number] rows, got {type(rows).__name__}")
     images: dict[int, Image.Image] = {}
     items = []
-    for number, row in enumerate(rows):
-        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
-                and isinstance(row[2], int) and not isinstance(row[2], bool)):
-            raise ValueError(f"{path}: row {number} must be [question, answer, image number], got {row!r}")
-        question, answer, image_id = row
-        if not question.strip():
-            raise ValueError(f"{path}: row {number} has an empty question")
+    for number, question, answer, image_id in read_question_rows(path):
         if image_id not in images:
             image_path = os.path.join(directory, "images", f"{image_id}.png")
             try:
