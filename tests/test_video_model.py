@@ -108,3 +108,24 @@ def test_measured_flops_ratio_matches_the_calculator_on_the_shipped_config(video
     text = inputs["input_ids"].shape[1] - 8 * 64  # the newline counts as text, as the runtime counts it
     report = F.flops(os.path.join(WEIGHTS_VIDEO_DIR, "config.json"), frames=8, text_tokens=text, method="aim")
     assert abs(measured.flops_ratio / report.ratio - 1) < 0.01
+
+
+def test_leanvlm_eval_on_clips_answers_as_the_model_does(video_model, fixed_clips, tmp_path):
+    """`leanvlm eval --dataset clips` (and a users' clip directory) run the bundled video model's closed-set
+    scoring: the same answers as `score_clip_answers`, frames reported."""
+    from leanvlm.cli.common import LoadedModel
+    from leanvlm.cli.eval import evaluate, load_items
+
+    model, processor = video_model
+    loaded = LoadedModel(model, processor, "bundled video model", True)
+    items = load_items("clips", 5)
+    result = evaluate(loaded, items, None, progress=False)
+    assert result["frames"] == 8 and result["mode"] == "closed" and result["visual_in"] == 512
+    assert result["predictions"] == score_clip_answers(model, processor, [i.frames for i in items], [i.question for i in items])
+    (tmp_path / "videos" / "3").mkdir(parents=True)
+    for t, frame in enumerate(fixed_clips[0].frames):
+        frame.save(tmp_path / "videos" / "3" / f"{t}.png")
+    (tmp_path / "questions.json").write_text(f'[["{fixed_clips[0].question}", "{fixed_clips[0].answer}", 3]]')
+    own = load_items(str(tmp_path))
+    assert evaluate(loaded, own, None, progress=False)["predictions"] == score_clip_answers(
+        model, processor, [fixed_clips[0].frames], [fixed_clips[0].question])
