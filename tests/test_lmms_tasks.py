@@ -89,7 +89,7 @@ def test_lmms_eval_indexes_and_builds_the_tasks():
     from lmms_eval.tasks import TaskManager, get_task_dict
 
     manager = TaskManager("WARNING", include_path=lmms_tasks.TASK_DIR, include_defaults=False)
-    assert manager.all_tasks == ["leanvlm_easyvqa", "leanvlm_scenes"]
+    assert manager.all_tasks == ["leanvlm_clips", "leanvlm_easyvqa", "leanvlm_scenes"]
     task = get_task_dict(["leanvlm_scenes"], manager)["leanvlm_scenes"]
     docs = task.test_docs()
     items = load_items("scenes")
@@ -97,6 +97,11 @@ def test_lmms_eval_indexes_and_builds_the_tasks():
     assert np.array_equal(np.asarray(task.doc_to_visual(docs[5])[0]), np.asarray(items[5].image))
     assert task.config.generation_kwargs["max_new_tokens"] == 8
     assert task.process_results(docs[0], [items[0].answer])["accuracy"] == 1.0
+    clips = get_task_dict(["leanvlm_clips"], manager)["leanvlm_clips"]
+    clip_docs, clip_items = clips.test_docs(), load_items("clips")
+    assert [d["question"] for d in clip_docs] == [it.question for it in clip_items]
+    frames = clips.doc_to_visual(clip_docs[7])
+    assert len(frames) == 8 and np.array_equal(np.asarray(frames[3]), np.asarray(clip_items[7].frames[3]))
 
 
 # ------------------------------------------------------------------------------------------- end to end
