@@ -419,6 +419,8 @@ PRESETS: dict[str, Preset] = {
             image_tokens=256, frame_tokens=256, frames_per_group=2, default_frames=32,
             note="dynamic resolution; preset at 448x448; 112 px attention windows except 4 global layers",
         ),
+        # vision config and the LLM's width / layers / heads checked against public copies of the config; its
+        # MLP width and vocabulary are from the Qwen3-8B family, not checked against a published file
         Preset(
             name="qwen3-vl-8b",
             llm=LLMShape(hidden=4096, kv_dim=8 * 128, intermediate=12288, heads=32, layers=36, vocab=151936),
@@ -430,6 +432,8 @@ PRESETS: dict[str, Preset] = {
                  "tokens per image / per 2 frames); merger + 3 DeepStack mergers (their additions into LLM "
                  "layers 0-2 are not matmuls and not counted)",
         ),
+        # not checked against a published config file (none was reachable here): standard SigLIP-so400m and
+        # SmolLM2-1.7B numbers
         Preset(
             name="smolvlm-2.2b",
             llm=LLMShape(hidden=2048, kv_dim=2048, intermediate=8192, heads=32, layers=24, vocab=49280),
