@@ -165,23 +165,27 @@ def cached_rows(vision_feature_layer: int | list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def quick_eval(model, packer: Packer, data: PackedData, batch_images: int = 8) -> dict:
-    """Closed-set first-token accuracy on cached eval features, by question type."""
+def quick_eval(model, packer: Packer, data: PackedData, batch_images: int = 8, hidden_fn=None,
+               answers: tuple[str, ...] = ANSWERS, candidate_ids: list[int] | None = None) -> dict:
+    """Closed-set first-token accuracy on cached eval features, by question type. hidden_fn (default
+    `forward_hidden`), `answers` and their first-token `candidate_ids` (default: the image model's) let
+    the video model's training (train_video.py) use the same loop."""
     was_training = model.training
     model.eval()
-    cand = torch.tensor(answer_token_ids(packer.processor))
+    hidden_fn = hidden_fn or forward_hidden
+    cand = torch.tensor(candidate_ids if candidate_ids is not None else answer_token_ids(packer.processor))
     right: dict[str, list[int]] = {}
     for start in range(0, len(data.groups), batch_images):
         idx = list(range(start, min(start + batch_images, len(data.groups))))
         groups = [[(it.question, it.answer, 1.0) for it in data.groups[g][2]] for g in idx]
         input_ids, pos, mask, targets, _ = packer.pack(groups)
-        hidden = forward_hidden(model, packer, torch.stack([data.features(g) for g in idx]), input_ids, pos, mask)
+        hidden = hidden_fn(model, packer, torch.stack([data.features(g) for g in idx]), input_ids, pos, mask)
         for b, g in enumerate(idx):
             # the first answer target of each block sits at the block's last prompt position
             rows = (targets[b] != -100).nonzero().flatten().tolist()
             firsts = [r for r in rows if r - 1 not in rows]
             for r, item in zip(firsts, data.groups[g][2]):
-                pred = ANSWERS[int(model.lm_head(hidden[b, r])[cand].argmax())]
+                pred = answers[int(model.lm_head(hidden[b, r])[cand].argmax())]
                 right.setdefault(item.qtype, []).append(int(pred == item.answer))
     model.train(was_training)
     total = [x for v in right.values() for x in v]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from leanvlm.real_model.adapter import LORA_TARGETS, add_lora, adapter_state, save_adapter
 from leanvlm.real_model.clips import CLIP_ANSWERS, FRAMES, ClipItem, clips
 from leanvlm.real_model.features import cache_clip_features, load_features
+from leanvlm.real_model import train
 from leanvlm.real_model.train import Packer
 from leanvlm.real_model.video_model import (
     VIDEO_TOKEN,
@@ -70,28 +71,11 @@ def video_hidden(model, packer: Packer, features: torch.Tensor, input_ids, posit
     return out.last_hidden_state
 
 
-@torch.no_grad()
 def quick_eval(model, packer: Packer, data: ClipData, batch_clips: int = 4) -> dict:
-    """Closed-set (CLIP_ANSWERS) first-token accuracy on cached eval clips, by question type."""
-    was_training = model.training
-    model.eval()
-    cand = torch.tensor(clip_answer_token_ids(packer.processor))
-    right: dict[str, list[int]] = {}
-    for start in range(0, len(data.groups), batch_clips):
-        idx = list(range(start, min(start + batch_clips, len(data.groups))))
-        groups = [[(it.question, it.answer, 1.0) for it in data.groups[g][2]] for g in idx]
-        input_ids, pos, mask, targets, _ = packer.pack(groups)
-        hidden = video_hidden(model, packer, torch.stack([data.features(g) for g in idx]), input_ids, pos, mask)
-        for b, g in enumerate(idx):
-            rows = (targets[b] != -100).nonzero().flatten().tolist()
-            firsts = [r for r in rows if r - 1 not in rows]
-            for r, item in zip(firsts, data.groups[g][2]):
-                pred = CLIP_ANSWERS[int(model.lm_head(hidden[b, r])[cand].argmax())]
-                right.setdefault(item.qtype, []).append(int(pred == item.answer))
-    model.train(was_training)
-    total = [x for v in right.values() for x in v]
-    return {"accuracy": sum(total) / len(total), "n": len(total),
-            "per_type": {k: round(sum(v) / len(v), 4) for k, v in sorted(right.items())}}
+    """Closed-set (CLIP_ANSWERS) first-token accuracy on cached eval clips, by question type (train.quick_eval
+    with the video forward)."""
+    return train.quick_eval(model, packer, data, batch_clips, video_hidden, CLIP_ANSWERS,
+                            clip_answer_token_ids(packer.processor))
 
 
 def main(argv: list[str] | None = None) -> None:
