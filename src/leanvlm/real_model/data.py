@@ -180,10 +180,30 @@ def _scene_questions(rng: np.random.Generator, objects) -> list[tuple[str, str, 
     return rows
 
 
-def scenes(split: str, n: int, seed: int = 0) -> list[VQAItem]:
+def _every_scene_question(objects) -> list[tuple[str, str, str]]:
+    """Every question of the scene kinds one scene can answer (training only): the colour of each shape
+    that occurs once, the shape of each colour, and both relations for every ordered pair of objects
+    whose offset is clear. Deterministic in `objects`; consumes no random numbers."""
+    shape_counts = {s: sum(o[1] == s for o in objects) for s in SHAPES}
+    rows = [(f"what color is the {shape}?", color, "color") for color, shape, _, _ in objects if shape_counts[shape] == 1]
+    rows += [(f"what shape is {color}?", shape, "shape") for color, shape, _, _ in objects]
+    for axis, relation in ((0, "to the left of"), (1, "above")):
+        for a in objects:
+            for b in objects:
+                delta = a[2 + axis] - b[2 + axis]
+                if a is not b and abs(delta) > 12:
+                    rows.append((f"is the {a[0]} shape {relation} the {b[0]} shape?", "yes" if delta < 0 else "no",
+                                 "position"))
+    return rows
+
+
+def scenes(split: str, n: int, seed: int = 0, every_question: bool = False) -> list[VQAItem]:
     """Questions about `n` generated scenes (3-5 questions each), deterministic in (split, seed).
 
     Train and test use different random streams of the same seed, so they share no scene.
+    `every_question=True` (for training) adds every other question the scene answers (up to ~30 a
+    scene: all colour / shape / ordered-pair position questions) to the same images; the questions of
+    the default draw come first and the images are identical.
     """
     if split not in _SPLIT_STREAM:
         raise ValueError(f"split must be one of {', '.join(map(repr, _SPLIT_STREAM))}, got {split!r}")
@@ -191,7 +211,10 @@ def scenes(split: str, n: int, seed: int = 0) -> list[VQAItem]:
     items = []
     for k in range(n):
         image, objects = _scene(rng)
-        for question, answer, qtype in _scene_questions(rng, objects):
+        rows = _scene_questions(rng, objects)
+        if every_question:
+            rows += [row for row in _every_scene_question(objects) if row not in rows]
+        for question, answer, qtype in rows:
             items.append(VQAItem(image, question, answer, qtype, f"scenes-{split}-{seed}-{k}"))
     return items
 

@@ -46,6 +46,9 @@ TRAIN_SETS = {
     "easyvqa-train-img2000-4000": lambda: [i for i in easyvqa("train") if _image_id(i) >= 2000],
     "scenes-train-0-n800": lambda: scenes("train", 800, 0),
     "scenes-train-1-n800": lambda: scenes("train", 800, 1),
+    # the same kind of scenes with every question each one answers (~17 a scene instead of ~4.5)
+    "scenes-every-train-0-n800": lambda: scenes("train", 800, 0, every_question=True),
+    "scenes-every-train-1-n3000": lambda: scenes("train", 3000, 1, every_question=True),
 }
 EVAL_SETS = {
     "easyvqa-test-q1500": lambda: easyvqa("test")[:1500],
@@ -235,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr-projector", type=float, default=2e-3)
     ap.add_argument("--lr-lora", type=float, default=1e-3)
     ap.add_argument("--color-weight", type=float, default=2.0, help="loss weight of colour questions")
+    ap.add_argument("--count-weight", type=float, default=1.0, help="loss weight of counting questions")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=5)
     ap.add_argument("--eval-every", type=int, default=50)
@@ -323,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         perm = np.random.default_rng([args.seed, epoch]).permutation(len(train.groups))
         return perm[k * args.batch_images:(k + 1) * args.batch_images].tolist()
 
+    weight = {"color": args.color_weight, "count": args.count_weight}  # loss weight by question type
     model.train()
     t0, losses = time.time(), []
     while step < args.steps:
@@ -332,8 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         for g in idx:
             items = train.groups[g][2]
             chosen = qrng.permutation(len(items))[: args.max_questions]
-            groups.append([(items[i].question, items[i].answer,
-                            args.color_weight if items[i].qtype == "color" else 1.0) for i in chosen])
+            groups.append([(items[i].question, items[i].answer, weight.get(items[i].qtype, 1.0)) for i in chosen])
         input_ids, pos, mask, targets, weights = packer.pack(groups)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             hidden = forward_hidden(model, packer, torch.stack([train.features(g) for g in idx]), input_ids, pos, mask)
