@@ -122,6 +122,11 @@ def test_leanvlm_eval_on_clips_answers_as_the_model_does(video_model, fixed_clip
     result = evaluate(loaded, items, None, progress=False)
     assert result["frames"] == 8 and result["mode"] == "closed" and result["visual_in"] == 512
     assert result["predictions"] == score_clip_answers(model, processor, [i.frames for i in items], [i.question for i in items])
+    # a clip's questions share one vision-tower pass of its frames: same answers and stats as one by one
+    shared = evaluate(loaded, items, AIM(), progress=False)
+    alone = evaluate(loaded, items, AIM(), batch_size=1, progress=False, share_images=False)
+    assert shared["predictions"] == alone["predictions"]
+    assert shared["visual_tokens"] == alone["visual_tokens"] and shared["flops_ratio"] == alone["flops_ratio"]
     (tmp_path / "videos" / "3").mkdir(parents=True)
     for t, frame in enumerate(fixed_clips[0].frames):
         frame.save(tmp_path / "videos" / "3" / f"{t}.png")

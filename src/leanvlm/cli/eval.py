@@ -229,9 +229,9 @@ def run_items(
     video = is_video(items[0])
     if any(is_video(it) != video for it in items):
         raise CLIError("a dataset mixes images and clips; evaluate them separately")
-    # clips: no shared prefix or vision-tower de-duplication (both are written for one image per prompt)
-    share_images = share_images and not video
-    shared_prefix = share_images and method is None and resolved == "closed"
+    # clips share the vision tower's work (their frames repeat row by row) but not the prompt prefix, which
+    # is computed for one image per prompt
+    shared_prefix = share_images and not video and method is None and resolved == "closed"
     predict, mode = make_predictor(loaded, mode, max_new_tokens, shared_prefix=shared_prefix)
     if mode == "closed":
         from leanvlm.real_model import ANSWERS, prepare_inputs
