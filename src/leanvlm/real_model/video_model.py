@@ -24,6 +24,7 @@ Design (stock transformers classes; only the video processor is ours, see below)
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from typing import Sequence
@@ -59,6 +60,8 @@ from leanvlm.real_model.clips import CLIP_ANSWERS, FRAMES
 VIDEO_TOKEN = "<video>"
 POOLED_TOKENS_PER_FRAME = ((IMAGE_SIZE // PATCH_SIZE + 1) // 2) ** 2  # 8 x 8 = 64
 WEIGHTS_VIDEO_DIR = os.path.join(os.path.dirname(__file__), "weights_video")
+# The image model's weights the video adapter was trained on top of (its LoRA is merged into the video base).
+IMAGE_WEIGHTS_OF_VIDEO = os.path.join(os.path.dirname(__file__), "weights")
 # ChatML as the image model's, plus {"type": "video"} parts rendered as "<video>\n".
 VIDEO_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
     "{% if part['type'] == 'image' %}{{ '<image>\n' }}",
@@ -182,7 +185,11 @@ def build_video_base(image_model: LlavaForConditionalGeneration, tokenizer) -> t
 
 
 def video_base_dir(cache_dir: str | None = None) -> str:
-    return os.path.join(cache_dir or default_cache_dir(), "video-base")
+    """The cached video base, named by a digest of the image adapter it is built from (a changed image
+    adapter never reuses a stale base)."""
+    with open(os.path.join(IMAGE_WEIGHTS_OF_VIDEO, "adapter.safetensors"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    return os.path.join(cache_dir or default_cache_dir(), f"video-base-{digest}")
 
 
 def load_video_base(
@@ -199,7 +206,7 @@ def load_video_base(
     if not os.path.exists(os.path.join(directory, "model.safetensors")):
         from leanvlm.real_model import load_real_model
 
-        image_model, image_processor = load_real_model(cache_dir, progress)
+        image_model, image_processor = load_real_model(cache_dir, progress, weights_dir=IMAGE_WEIGHTS_OF_VIDEO)
         model, processor = build_video_base(image_model, image_processor.tokenizer)
         tmp = directory + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
