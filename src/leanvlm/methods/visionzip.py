@@ -22,8 +22,8 @@ dominant + contextual tokens, ranked and merged among that crop's patches only. 
 high-resolution grid as another, whose `crops` says which crop every grid cell came from; the grid is
 reduced crop by crop:
 - counts: every crop keeps dominant + contextual, clamped to the tokens it still has after unpadding
-  (the published code keeps them of the full, padded 24 x 24 crop); a 2 x 2 grid at the default keeps
-  64 (base) + 4 x 64, the paper's LLaVA-NeXT "320 tokens" setting;
+  (the published code keeps them of the full, padded 24 x 24 crop); a 2 x 2 grid at the default keeps up
+  to 64 (base) + 4 x 64 = 320 tokens, the paper's LLaVA-NeXT 320-token setting;
 - keep: the grid keeps the same total as without crops, max(1, round(keep * T)), shared over the crops in
   proportion to their tokens (largest remainder, ties to the earlier crop), each crop's share split into
   dominant / contextual by contextual_share;
