@@ -1,5 +1,6 @@
 """The peer methods (VisionZip, PruMerge(+), PyramidDrop, RandomDrop, Pool) and the registry, on tiny
-LLaVA-1.5-shaped models (4 x 4 patch grid, 6 decoder layers), plus their ops."""
+LLaVA-1.5-shaped models (4 x 4 patch grid, 6 decoder layers), plus their ops; VisionZip's per-crop budgets
+on the anyres families (tiny LLaVA-NeXT, LLaVA-OneVision, LLaVA-NeXT-Video)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from leanvlm.methods.pyramiddrop import PyramidDrop, scaled_layers
 from leanvlm.methods.randomdrop import RandomDrop
 from leanvlm.methods.registry import METHODS, budget_options, make_method, method_for_budget, visual_budget
 from leanvlm.methods.visionzip import DominantContextual, VisionZip
+from leanvlm.models import get_adapter
 from leanvlm.ops.outliers import iqr_outliers, iqr_upper_fence
 from leanvlm.ops.pool import assignment_weights, combine, pool_assignment, pooled_grid
 from leanvlm.ops.sample import evenly_spaced, seeded_subset
 from leanvlm.runtime.visual import VisualItem
 from tiny import PATCHES, batch_inputs, prompt_ids, select, tiny_llava
+from tiny_families import FAMILIES, image
+from tiny_families_a import FAMILIES_A
 
 GREEDY = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
@@ -167,6 +171,152 @@ def test_visionzip_stage_by_hand():
     assert DominantContextual(2, 2).planned_tokens(8) == 4
     assert DominantContextual(keep=0.25).counts(576) == (122, 22)  # 144 tokens, 10/64 of them contextual
     assert DominantContextual(54, 10).counts(16) == (16, 0)  # clamped: a frame never grows
+
+
+def ref_visionzip(tokens: np.ndarray, attention: np.ndarray, keys: np.ndarray, dominant: int,
+                  contextual: int) -> dict[int, np.ndarray]:
+    """VisionZip on one crop, from the published maths: the `dominant` patches of highest CLS attention; of
+    the rest (raster order), targets every max(1, R // contextual)-th, the first `contextual`; every other
+    patch joins the target of most cosine-similar key (first on ties); target + mean(joined).
+    -> {patch kept (local index): output value}."""
+    order = sorted(range(len(tokens)), key=lambda i: (-attention[i], i))
+    kept = {i: tokens[i] for i in order[:dominant]}
+    rest = [i for i in range(len(tokens)) if i not in kept]
+    if contextual:
+        targets = rest[::max(1, len(rest) // contextual)][:contextual]
+        unit = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+        joined: dict[int, list[int]] = {t: [] for t in targets}
+        for other in (i for i in rest if i not in targets):
+            similarity = [float(unit[other] @ unit[t]) for t in targets]
+            joined[targets[similarity.index(max(similarity))]].append(other)
+        for t in targets:
+            kept[t] = tokens[t] + (tokens[joined[t]].mean(axis=0) if joined[t] else 0)
+    return kept
+
+
+def ref_largest_remainder(total: int, sizes: list[int]) -> list[int]:
+    """Hamilton's apportionment of `total` seats to groups of `sizes`."""
+    quotas = [total * s / sum(sizes) for s in sizes]
+    parts = [int(q) for q in quotas]
+    largest_remainder_first = sorted(range(len(sizes)), key=lambda g: (parts[g] - quotas[g], g))
+    for group in largest_remainder_first[:total - sum(parts)]:
+        parts[group] += 1
+    return parts
+
+
+def ref_per_crop(tokens: np.ndarray, attention: np.ndarray, keys: np.ndarray, crops: np.ndarray, stage) -> tuple[
+        dict[int, np.ndarray], dict[int, int]]:
+    """Every crop reduced on its own (patches in raster order). Budgets: counts clamped to each crop; a keep
+    fraction gives the grid max(1, round(keep * T)) tokens, apportioned over the crops by their sizes.
+    -> ({patch kept (grid index): value}, {crop: tokens kept})."""
+    labels = sorted(set(crops.tolist()))
+    members = [np.flatnonzero(crops == c) for c in labels]
+    if stage.keep is None:
+        budgets = []
+        for m in members:
+            d = min(stage.dominant, len(m))
+            budgets.append((d, min(stage.contextual, len(m) - d)))
+    else:
+        total = max(1, round(stage.keep * len(tokens)))
+        budgets = [(n - round(n * stage.contextual_share), round(n * stage.contextual_share))
+                   for n in ref_largest_remainder(total, [len(m) for m in members])]
+    out, kept_per_crop = {}, {}
+    for label, m, (d, c) in zip(labels, members, budgets):
+        local = ref_visionzip(tokens[m], attention[m], keys[m], d, c)
+        out.update({int(m[i]): value for i, value in local.items()})
+        kept_per_crop[label] = len(local)
+    return out, kept_per_crop
+
+
+def assert_visionzip_matches(item: VisualItem, stage: DominantContextual) -> dict[int, int]:
+    """The stage on a one-frame item with crops equals `ref_per_crop` on the same tensors; -> kept per crop."""
+    out = stage.reduce(item)
+    tokens, attention, keys = (item.frames[0].double().numpy(), item.signals["cls_attention"][0].double().numpy(),
+                               item.signals["keys"][0].double().numpy())
+    expected, per_crop = ref_per_crop(tokens, attention, keys, item.crops.numpy(), stage)
+    assert out.origin[0].tolist() == sorted(expected)
+    np.testing.assert_allclose(out.frames[0].double().numpy(), np.stack([expected[i] for i in sorted(expected)]),
+                               rtol=1e-5, atol=1e-6)
+    got = torch.bincount(item.crops[out.origin[0]], minlength=int(item.crops.max()) + 1).tolist()
+    assert {c: got[c] for c in per_crop} == per_crop
+    return per_crop
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("options", [dict(dominant=4, contextual=2), dict(dominant=9, contextual=3),
+                                     dict(keep=0.3), dict(keep=0.07)], ids=str)
+def test_visionzip_per_crop_equals_the_reference(seed, options):
+    # a 5 x 8 unpadded grid of 2 x 2 crops whose top row lost 1 row and left column 3 columns to unpadding:
+    # crops of 5 x 2 ... 4 x 6 cells (unequal, as after LLaVA-NeXT's unpadding)
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = torch.meshgrid(torch.arange(5), torch.arange(8), indexing="ij")
+    crops = ((rows >= 2).long() * 2 + (cols >= 3).long()).flatten()  # [40]
+    item = item_of(torch.randn(1, 40, 6, generator=g), (5, 8), cls_attention=torch.rand(1, 40, generator=g),
+                   keys=torch.randn(1, 40, 5, generator=g))
+    item.crops = crops
+    stage = DominantContextual(**({"dominant": None, "contextual": None} if "keep" in options else {}), **options)
+    per_crop = assert_visionzip_matches(item, stage)
+    sizes = torch.bincount(crops).tolist()  # [6, 10, 9, 15]
+    if stage.keep is None:  # every crop keeps its own budget (clamped to the crop)
+        assert per_crop == {c: min(size, options["dominant"] + options["contextual"]) for c, size in enumerate(sizes)}
+    else:  # the grid keeps what it keeps without crops
+        assert sum(per_crop.values()) == max(1, round(options["keep"] * 40))
+        whole = DominantContextual(dominant=None, contextual=None, keep=options["keep"], per_crop=False).reduce(item)
+        assert whole.num_tokens == sum(per_crop.values())
+
+
+def test_visionzip_per_crop_budget_details():
+    stage = DominantContextual(dominant=None, contextual=None, keep=0.25)
+    assert stage.crop_budgets([576] * 4) == [(122, 22)] * 4  # equal crops: each its frame's keep
+    assert [sum(b) for b in stage.crop_budgets([100, 50, 50])] == [25, 13, 12]  # 50 = 25 + 12.5 + 12.5: earlier crop
+    assert DominantContextual(54, 10).crop_budgets([576, 40]) == [(54, 10), (40, 0)]  # clamped, never grows
+    # a crop every token of which is gone (an earlier stage) has no group; origin decides a merged token's crop
+    item = item_of(torch.randn(1, 6, 3), (2, 3), cls_attention=torch.rand(1, 6), keys=torch.randn(1, 6, 2))
+    item.crops = torch.tensor([0, 0, 1, 1, 2, 2])
+    pruned = item.select([torch.tensor([0, 1, 4, 5])])
+    groups = DominantContextual(1, 0)._groups(pruned, 0)
+    assert [g.tolist() for g in groups] == [[0, 1], [2, 3]]
+    assert DominantContextual(1, 0).reduce(pruned).num_tokens == 2
+    assert len(DominantContextual(1, 0, per_crop=False)._groups(pruned, 0)) == 1
+
+
+ANYRES = {**FAMILIES, **FAMILIES_A}  # the families with anyres crops are picked below
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "llava_next_video"])
+def test_visionzip_per_crop_on_anyres_models(family):
+    """On the adapters' own items (model tensors, vision signals): every high-resolution crop keeps its own
+    budget and matches the reference; keep=1.0 is the plain model; per-crop counts reach the whole prompt."""
+    fam = ANYRES[family]
+    model = fam.build("sdpa", layers=2)
+    # 2 x 2 crops unpadded to 6 x 12 / 10 x 12 cells (OneVision: interpolated down to 4 x 8 / 5 x 6)
+    inputs = fam.inputs(model, [[3, image(11, (30, 52)), 5], [1, image(12, (40, 44)), 8]])
+    adapter = get_adapter(model)
+    stage = DominantContextual(3, 1)
+    probe = adapter.install_vision_probe()
+    try:
+        with torch.no_grad():
+            items = adapter.encode_visual(inputs, stage.needs, probe)
+    finally:
+        probe.remove()
+    grids = [item for item in items if item.crops is not None]
+    assert len(grids) == 2 and all(torch.bincount(item.crops).min() > 0 for item in grids)
+    for item in grids:
+        per_crop = assert_visionzip_matches(item, stage)
+        assert set(per_crop.values()) == {4} and len(per_crop) == int(item.crops.max()) + 1
+        assert_visionzip_matches(item, DominantContextual(dominant=None, contextual=None, keep=0.3))
+    plain = model(**inputs).logits
+    with VisionZip(keep=1.0).apply(model):
+        torch.testing.assert_close(model(**inputs).logits, plain, atol=1e-5, rtol=0)
+    method = VisionZip(dominant=3, contextual=1)
+    with method.apply(model):
+        model(**inputs)
+    crops_per_sample = [int(item.crops.max()) + 1 for item in grids]
+    assert [s.visual_into_llm for s in method.stats.samples] == [4 + 4 * n for n in crops_per_sample]
+    whole = VisionZip(dominant=3, contextual=1, per_crop=False)
+    with whole.apply(model):
+        model(**inputs)
+    assert [s.visual_into_llm for s in whole.stats.samples] == [8, 8]  # base tile + grid, one budget each
 
 
 def test_prumerge_stage_by_hand_and_per_frame_quartiles():

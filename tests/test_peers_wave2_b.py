@@ -1,8 +1,9 @@
-"""Wave-2 video peers: HoliTom (outer-LLM part) and FastVID.
+"""Wave-2 video peers: HoliTom (outer-LLM steps and inner-LLM merge) and FastVID.
 
 - Differential tests of the core selection on identical tensors against independent NumPy references
   written here from the papers' definitions: HoliTom's static-window segmentation (brute force over every
-  partition of the frames), FastVID's DySeg cuts, DPC-kNN density-peak scores, and both stages end to end.
+  partition of the frames), FastVID's DySeg cuts, DPC-kNN density-peak scores, and both stages end to end;
+  HoliTom's inner-LLM merge against the published in-place loop, inside a decoder run by hand.
 - The same equivalences as the other peers on the video-capable tiny families (LLaVA-OneVision,
   LLaVA-NeXT-Video, Qwen2-VL): keep=1.0 is the plain model, the token counts are the budget, cached
   decoding equals uncached, a batch equals its samples one by one, the model is restored after exit.
@@ -19,12 +20,15 @@ import torch
 
 import leanvlm
 from leanvlm.methods.fastvid import DensityPrune, FastVID
-from leanvlm.methods.holitom import HolisticMerge, HoliTom
+from leanvlm.methods.holitom import HolisticMerge, HoliTom, SimilarityMerge, inner_merge_layer, pairwise_average_merge
 from leanvlm.methods.registry import make_method, method_for_budget
+from leanvlm.ops.select import merge_slots
 from leanvlm.ops.temporal import consecutive_similarity, density_peak_scores, static_windows, transition_segments
 from leanvlm.runtime.visual import VisualItem
 from test_models import alone, cached, frame_tokens, model_for, prompts
+from tiny import IMAGE_TOKEN, PATCHES, batch_inputs, prompt_ids, select, tiny_llava
 from tiny_families import FAMILIES
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 GENERATE = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 
@@ -255,6 +259,142 @@ def test_holitom_stage_equals_the_reference(seed, keep, share):
         assert static.any() and all(bool(out.groups[f][static].eq(-1).all()) for f in range(a + 1, b + 1))
 
 
+def ref_in_place_merge(hidden: np.ndarray, sources: list[int], targets: list[int]) -> np.ndarray:
+    """The published inner-LLM merge, literally: similarities of the unmerged states first; then, source by
+    source in ascending position, its most cosine-similar target t (first on ties): h[t] = (h[t] + h[s]) / 2."""
+    unit = hidden / np.linalg.norm(hidden, axis=1, keepdims=True)
+    nearest = {s: targets[int(np.argmax([unit[s] @ unit[t] for t in targets]))] for s in sources}
+    merged = hidden.copy()
+    for source in sorted(sources):
+        merged[nearest[source]] = (merged[nearest[source]] + merged[source]) / 2
+    return merged
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pairwise_average_merge_equals_the_in_place_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    hidden[1:] += 2 * hidden[:1]  # a shared direction: several sources pick the same target
+    targets = sorted(torch.randperm(20, generator=g)[:5].tolist())
+    sources = [i for i in range(20) if i not in targets]
+    nearest, source_weight, target_weight = pairwise_average_merge(hidden[sources], hidden[targets])
+    assert torch.bincount(nearest).max() >= 3  # some target has a long chain of halvings
+    got = hidden[targets] * target_weight[:, None].double()
+    got = got.index_add(0, nearest, hidden[sources] * source_weight[:, None].double())
+    np.testing.assert_allclose(got.numpy(), ref_in_place_merge(hidden.numpy(), sources, targets)[targets], rtol=1e-6)
+
+
+def test_merge_slots_folds_into_targets_and_leaves_the_rest_bit_exact():
+    values = torch.randn(2, 5, 3, dtype=torch.float16)
+    # row 0: slots 1 and 3 fold into 2 (which keeps a quarter of itself); row 1: nothing merges
+    target = torch.tensor([[-1, 2, 2, 2, -1], [-1] * 5])
+    weight = torch.tensor([[0.0, 0.25, 0.25, 0.5, 0.0], [0.0] * 5])
+    out = merge_slots(values, target, weight)
+    expected = (0.25 * values[0, 1].float() + 0.25 * values[0, 2].float() + 0.5 * values[0, 3].float()).half()
+    assert torch.equal(out[0, 2], expected) and out.dtype == torch.float16
+    untouched = torch.tensor([[True, True, False, True, True], [True] * 5])
+    assert torch.equal(out[untouched], values[untouched])
+
+
+def ref_inner_merge_logits(model, inputs: dict, layer: int, keep: float) -> torch.Tensor:
+    """HoliTom's inner merge by hand on a tiny LLaVA (one prompt, no padding): run the decoder layers one by
+    one; after `layer`, keep the round(keep * V) visual tokens the last token attends to most (that layer's
+    q / k on its input, head-averaged), fold the rest in with `ref_in_place_merge` on the layer's output,
+    drop them, and run the later layers on the kept tokens at their original positions. -> last logits [1, V]."""
+    lm = model.model.language_model
+    ids = inputs["input_ids"]
+    hidden = lm.embed_tokens(ids)
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output
+    hidden[ids == IMAGE_TOKEN] = torch.cat(list(features))
+    positions = torch.arange(ids.shape[1])[None]
+    eager = model.config._attn_implementation == "eager"
+
+    def causal(pos: torch.Tensor) -> torch.Tensor:
+        allowed = pos[0][None, :] <= pos[0][:, None]
+        return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None] if eager else allowed[None, None]
+
+    rope = lm.rotary_emb(hidden, positions)
+    for i in range(layer + 1):
+        if i == layer:
+            attn = lm.layers[i].self_attn
+            x = lm.layers[i].input_layernorm(hidden)
+            q = attn.q_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, *rope)
+            last = torch.softmax(q[:, :, -1:] @ repeat_kv(k, attn.num_key_value_groups).transpose(-1, -2) * attn.scaling, -1)
+            scores = last.mean(dim=1)[0, 0]  # [N]
+        hidden = lm.layers[i](hidden, attention_mask=causal(positions), position_embeddings=rope, position_ids=positions)
+    visual = (ids[0] == IMAGE_TOKEN).nonzero().squeeze(1)
+    top = visual[scores[visual].topk(max(1, round(keep * visual.numel()))).indices]
+    targets = sorted(top.tolist())
+    sources = [i for i in visual.tolist() if i not in targets]
+    hidden = torch.from_numpy(ref_in_place_merge(hidden[0].double().numpy(), sources, targets)).float()[None]
+    kept = torch.tensor(sorted(set(range(ids.shape[1])) - set(sources)))
+    hidden, positions = hidden[:, kept], positions[:, kept]
+    rope = lm.rotary_emb(hidden, positions)
+    for i in range(layer + 1, len(lm.layers)):
+        hidden = lm.layers[i](hidden, attention_mask=causal(positions), position_embeddings=rope, position_ids=positions)
+    return model.lm_head(lm.norm(hidden))[:, -1]
+
+
+@pytest.mark.parametrize(("text", "attn"), [("llama", "sdpa"), ("qwen2", "eager")])
+@pytest.mark.parametrize(("layer", "keep"), [(2, 0.5), (0, 0.25)])
+def test_inner_merge_matches_the_hand_reference(text, attn, layer, keep):
+    model = tiny_llava(text, attn)
+    inputs = batch_inputs([prompt_ids(4, 6, seed=3)], seed=5)
+    with torch.no_grad():
+        expected = ref_inner_merge_logits(model, inputs, layer, keep)
+    for method in (leanvlm.Compose(llm=[SimilarityMerge(layer, keep)]), HoliTom(keep=1.0, inner_layer=layer, inner_keep=keep)):
+        with method.apply(model):
+            logits = model(**inputs).logits[:, -1]
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+        kept = max(1, round(keep * PATCHES))
+        assert method.stats.samples[0].layer_visual_tokens == [PATCHES] * (layer + 1) + [kept] * (5 - layer)
+    with leanvlm.FastV(layer=layer, keep=keep).apply(model):  # the same tokens kept, without the merge
+        assert not torch.allclose(model(**inputs).logits[:, -1], expected, atol=1e-3)
+
+
+def test_inner_merge_cached_uncached_and_batch_on_llava():
+    model = tiny_llava("qwen2", "eager")
+    inputs = batch_inputs([prompt_ids(3, 5, seed=7), prompt_ids(2, 9, seed=8)], seed=9)
+    method = HoliTom(keep=0.5, inner_layer=1)
+    with method.apply(model):
+        batch_logits = model(**inputs).logits[:, -1]
+        with_cache = model.generate(**inputs, max_new_tokens=6, **GENERATE)
+        without = model.generate(**inputs, max_new_tokens=6, use_cache=False, **GENERATE)
+        for row in range(2):
+            torch.testing.assert_close(model(**select(inputs, row)).logits[:, -1], batch_logits[row:row + 1],
+                                       atol=1e-4, rtol=1e-4)
+    assert torch.equal(with_cache.sequences, without.sequences)
+    for a, b in zip(with_cache.logits, without.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_inner_merge_that_drops_nothing_is_the_plain_model():
+    model = tiny_llava("llama", "sdpa")
+    inputs = batch_inputs([prompt_ids(3, 5, seed=1), prompt_ids(1, 8, seed=2)])
+    plain = model(**inputs).logits
+    for method in (HoliTom(keep=1.0, inner_keep=1.0), leanvlm.Compose(llm=[SimilarityMerge(2, 1.0)])):
+        with method.apply(model):
+            torch.testing.assert_close(model(**inputs).logits, plain, atol=0, rtol=0)
+    text_only = {"input_ids": torch.tensor([[5, 9, 17, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    plain_text = model(**text_only).logits
+    with HoliTom().apply(model):  # no visual token: nothing to merge
+        torch.testing.assert_close(model(**text_only).logits, plain_text, atol=0, rtol=0)
+    assert HoliTom(inner_keep=1.0).stages()[1] == ()
+
+
+def test_inner_merge_layer_and_budget():
+    assert [inner_merge_layer(n) for n in (28, 24, 32, 6, 4, 2)] == [17, 14, 20, 3, 2, 0]  # 28: the published K = 18
+    with pytest.raises(ValueError, match="at least 2 decoder layers"):
+        inner_merge_layer(1)
+    # 28 layers, l = 17: layers 0..17 see keep * V, the other 10 half of it
+    options = HoliTom.budget_options(0.25, 28)
+    assert options == {"keep": pytest.approx(0.25 * 28 / (18 + 10 * 0.5)), "inner_keep": 0.5}
+    high = HoliTom.budget_options(0.9, 28)
+    assert high["keep"] == 1.0 and (18 + 10 * high["inner_keep"]) / 28 == pytest.approx(0.9)
+
+
 def scene_video(seed: int, frames: int = 7, tokens: int = 16, channels: int = 8) -> torch.Tensor:
     """Two scenes (frames 0-3 and 4-6), each with its own strong mean direction, so the frames' global
     features are similar within a scene and not across; small per-frame noise, a few moving patches."""
@@ -312,6 +452,8 @@ def test_misaligned_frames_are_a_clear_error():
     (lambda: HoliTom(tau=1.5), r"tau must be a cosine similarity in \[-1, 1\] or None, got 1.5"),
     (lambda: HoliTom(k=0), "k must be an int >= 1, got 0"),
     (lambda: HoliTom(contextual_share=2), r"contextual_share must be in \[0, 1\], got 2"),
+    (lambda: HoliTom(inner_keep=0), r"inner_keep must be in \(0, 1\], got 0"),
+    (lambda: HoliTom(inner_layer=-1), "inner_layer must be a decoder layer index >= 0 or None, got -1"),
     (lambda: FastVID(keep=1.2), r"keep must be in \(0, 1\], got 1.2"),
     (lambda: FastVID(anchor_step=0), "anchor_step must be an int >= 1, got 0"),
     (lambda: FastVID(min_segments=2.5), "min_segments must be an int >= 1, got 2.5"),
@@ -335,7 +477,7 @@ def test_lmms_eval_model_args_reach_the_methods():
 
 def test_registry_budget_and_defaults():
     assert make_method("holitom") == HoliTom() and make_method("FastVID", keep=0.2) == FastVID(keep=0.2)
-    assert method_for_budget("holitom", 0.25, 28) == HoliTom(keep=0.25)
+    assert method_for_budget("holitom", 0.25, 28) == HoliTom(keep=0.25 * 28 / 23, inner_keep=0.5)
     assert method_for_budget("fastvid", 0.1, 28) == FastVID(keep=0.1)
     assert HolisticMerge(keep=0.1).threshold == 0.65 and HolisticMerge(keep=0.15).threshold == 0.8  # published scripts
     assert leanvlm.HoliTom is HoliTom and leanvlm.FastVID is FastVID
@@ -363,7 +505,7 @@ def test_keep_all_is_the_plain_model_and_everything_is_restored(family):
     fam, model, samples, inputs = inputs_for(family, "video")
     plain = model(**inputs).logits
     hooks = [(m._forward_hooks.copy(), m._forward_pre_hooks.copy()) for m in model.modules()]
-    for method in (HoliTom(keep=1.0), FastVID(keep=1.0)):
+    for method in (HoliTom(keep=1.0, inner_keep=1.0), FastVID(keep=1.0)):
         with method.apply(model):
             torch.testing.assert_close(model(**inputs).logits, plain, atol=1e-5, rtol=0)
         assert [s.visual_into_llm for s in method.stats.samples] == [s.visual_in for s in method.stats.samples]
@@ -382,7 +524,10 @@ def test_token_counts_are_the_budget(family, modality):
             logits = model(**inputs).logits
         assert not torch.allclose(logits[:, -1], model(**inputs).logits[:, -1], atol=1e-4)
         for row, sample in enumerate(method.stats.samples):
-            assert sample.layer_visual_tokens == [sample.visual_into_llm] * 4
+            into = sample.visual_into_llm
+            # HoliTom's inner merge after layer 2 of 4 (the published 18 of 28) keeps half
+            inner = [max(1, round(0.5 * into))] if name == "holitom" else [into]
+            assert sample.layer_visual_tokens == [into] * 3 + inner
             if modality == "video" and name == "fastvid":
                 # 3 (LLaVA) / 2 (Qwen) frames, fewer than c = 8: every frame is its own segment and keeps R exactly
                 frames = frame_tokens(fam, model, samples[row])

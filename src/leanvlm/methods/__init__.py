@@ -7,7 +7,7 @@ from leanvlm.methods.dart import DART, DuplicateAwareDrop
 from leanvlm.methods.divprune import DiverseSubset, DivPrune
 from leanvlm.methods.fastv import FastV, LastTokenAttentionDrop
 from leanvlm.methods.fastvid import DensityPrune, FastVID
-from leanvlm.methods.holitom import HoliTom, HolisticMerge
+from leanvlm.methods.holitom import HoliTom, HolisticMerge, SimilarityMerge
 from leanvlm.methods.itp import ITP, InflectionCut, TextRelevancePrune
 from leanvlm.methods.pool import GridPool, Pool
 from leanvlm.methods.prumerge import OutlierPruneMerge, PruMerge, PruMergePlus
@@ -24,5 +24,5 @@ __all__ = [
     "PruMerge", "PruMergePlus", "PyramidDrop", "PyramidStages", "RandomDrop", "RandomSelect", "Selection",
     "TextRelevancePrune", "TokenMerge", "VisionZip", "budget_options", "make_method", "method_for_budget",
     "visual_budget",
-    "DensityPrune", "FastVID", "HoliTom", "HolisticMerge",
+    "DensityPrune", "FastVID", "HoliTom", "HolisticMerge", "SimilarityMerge",
 ]

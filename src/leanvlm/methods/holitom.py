@@ -1,6 +1,6 @@
 """HoliTom (Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language Models",
-NeurIPS 2025, arXiv 2505.21334; published code github.com/cokeshao/HoliTom), its outer-LLM part, before
-the LLM, per video (an image is a one-frame video):
+NeurIPS 2025, arXiv 2505.21334; published code github.com/cokeshao/HoliTom), per video (an image is a
+one-frame video): steps 1-4 before the LLM, step 5 inside it.
 
 1. Global redundancy-aware temporal segmentation: s[t, p] = cosine of patch position p between frames t
    and t + 1 (projector output). A window of frames [a, b] can keep one token for each position static
@@ -18,13 +18,22 @@ the LLM, per video (an image is a one-frame video):
 4. Spatial merging, per frame, of its dynamic (non-static) tokens: n' = ceil(r * n) are kept, of which
    round(n' * (1 - contextual_share)) dominant tokens with the highest vision attention, and the rest
    contextual: density-peak centres among the remaining tokens, merged like the static ones.
-Outputs keep raster order per frame; merged tokens stand for their centre's patch.
+   Outputs keep raster order per frame; merged tokens stand for their centre's patch.
+5. Inner-LLM merging (`SimilarityMerge`, the paper's "M"): after decoder layer `inner_layer`, the
+   inner_keep * V visual tokens (V: those in the sequence, round, at least 1) that the last token attends
+   to most (head-averaged, that layer's attention, as FastV) stay; every other visual token is merged into
+   the kept visual token whose hidden state (the layer's output) is most cosine-similar, by the published
+   code's in-place average: visiting the dropped tokens in ascending position, target <- (target + token)
+   / 2, so a target with members m_1 < ... < m_n becomes 2^-n target + sum_k 2^-(n-k+1) m_k
+   (`pairwise_average_merge`). The merged tokens are then dropped from the sequence, the positions, the
+   mask and the later layers' KV cache like any in-LLM drop; kept tokens keep their RoPE positions.
 
 Defaults (the published LLaVA-OneVision scripts): keep = 0.10, tau = 0.65 at keep <= 0.10 and 0.80 above
-(`tau=None`), beta = 0.6, contextual_share (the code's D) = 0, k = 7, max_window = 1024.
-
-Not implemented: the inner-LLM merge (HoliTom's "M": at layer K, tokens merged into their most similar
-attended token; the published scripts' HOLITOM_k / HOLITOM_r), so this is the paper's "HoliTom (w/o M)".
+(`tau=None`), beta = 0.6, contextual_share (the code's D) = 0, k = 7, max_window = 1024; inner merge
+HOLITOM_k = 18, HOLITOM_r = 0.5 on the 28-layer LLaVA-OneVision-7B: inner_keep = 1 - r = 0.5 and
+inner_layer = None = round(18 L / 28) - 1 for an L-layer LLM (17 of 28: the code merges before 0-indexed
+layer 18 using layer 17's attention, which is leanvlm's "after layer 17"), at most L - 2.
+`inner_keep=1.0` leaves step 5 out: the paper's "HoliTom (w/o M)".
 
 Deviations from the published code:
 - Attention: the adapters' `cls_attention` signal ranks dominant tokens (CLS query; SigLIP, which has
@@ -33,9 +42,14 @@ Deviations from the published code:
 - keep = 1.0 returns the input unchanged (the code still averages every window's static tokens).
 - Density ties are broken by index (the code adds random noise), top-k ties to the lower index.
 - Images (and any single frame) run the spatial step alone with r = keep, the code's one-frame window
-  branch; the code leaves images unreduced.
+  branch; the code leaves images unreduced. Step 5 runs on images too.
 - The frames of a video must still be position-aligned (HoliTom first, or after stages that keep every
   frame's token set): a clear ValueError otherwise.
+- Step 5: per sample of a batch (the code ranks with sample 0's attention, batch size 1); the model's
+  newline tokens (LLaVA-OneVision) are never merged nor dropped (the code's visual span includes the
+  video's trailing newline); the weights are applied in float32 in one step (the code halves in the
+  model's dtype, rounding after every member); similarity ties go to the earlier kept token (the code:
+  the more attended one).
 """
 
 from __future__ import annotations
@@ -48,13 +62,19 @@ import torch
 
 from leanvlm.methods._frames import FrameGroups, frame_signal, rebuild
 from leanvlm.methods.base import LLMStage, Method, PreLLMStage, check_fraction
+from leanvlm.methods.fastv import LastTokenAttentionDrop
 from leanvlm.ops.pool import assignment_weights, combine
 from leanvlm.ops.select import FILLER
 from leanvlm.ops.temporal import consecutive_similarity, density_peak_scores, static_windows, top_indices
+from leanvlm.runtime.context import LayerContext
+from leanvlm.runtime.stages import HiddenMerge
 from leanvlm.runtime.visual import VisualItem
 
 #: the published scripts' tau per retention ratio: 0.65 at 10% (and below), 0.80 at 15% - 25%
 LOW_KEEP_TAU, TAU = 0.65, 0.80
+#: the published scripts' inner-LLM merge on LLaVA-OneVision-7B (a 28-layer Qwen2): HOLITOM_k = 18 (merge
+#: before 0-indexed layer 18, scored with layer 17's attention), HOLITOM_r = 0.5 (half the visual tokens merged)
+PAPER_INNER_K, PAPER_DEPTH, PAPER_INNER_KEEP = 18, 28, 0.5
 
 
 @dataclass
@@ -178,6 +198,71 @@ class HolisticMerge(PreLLMStage):
         return FrameGroups(torch.cat(outputs), torch.cat(representative), assignment)
 
 
+def inner_merge_layer(num_layers: int) -> int:
+    """The published K = 18 of 28 layers scaled to a depth L, in leanvlm's convention (the layer whose
+    attention ranks and after which the tokens merge): round(18 L / 28) - 1, at most L - 2 so that a later
+    layer computes on the merged tokens. 28 layers -> 17, 24 -> 14, 4 -> 2."""
+    if num_layers < 2:
+        raise ValueError(f"HoliTom's inner-LLM merge needs at least 2 decoder layers, the model has {num_layers}; "
+                         "pass inner_keep=1.0 to leave it out")
+    return max(0, min(num_layers - 2, round(PAPER_INNER_K * num_layers / PAPER_DEPTH) - 1))
+
+
+def pairwise_average_merge(sources: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The published inner-LLM merge of one sample, in closed form: every source (dropped token) goes to the
+    target (kept token) of highest cosine similarity, and the targets are updated in place source by
+    source in ascending position, target <- (target + source) / 2. A target with n members m_1 < ... < m_n
+    thus ends as 2^-n target + sum_k 2^-(n - k + 1) m_k.
+
+    sources [S, D], targets [K, D] hidden states, each in ascending position. -> (nearest [S] long: the
+    target of every source, source_weight [S], target_weight [K]: the weights of the new target states;
+    1 for a target without members)."""
+    unit_sources = sources.float() / torch.linalg.vector_norm(sources.float(), dim=-1, keepdim=True).clamp(min=1e-12)
+    unit_targets = targets.float() / torch.linalg.vector_norm(targets.float(), dim=-1, keepdim=True).clamp(min=1e-12)
+    nearest = (unit_sources @ unit_targets.T).argmax(dim=1)  # [S]; ties: the earlier target
+    members = torch.bincount(nearest, minlength=targets.shape[0])  # [K]
+    # rank of every source among its target's members (0 = the first merged), sources being in position order
+    by_target = torch.argsort(nearest, stable=True)
+    first_member = torch.cumsum(members, 0) - members  # [K]
+    rank = torch.empty_like(nearest)
+    rank[by_target] = torch.arange(nearest.numel(), device=nearest.device) - first_member[nearest[by_target]]
+    later_members = members[nearest] - 1 - rank  # the halvings a source still goes through after its own
+    source_weight = torch.pow(0.5, (later_members + 1).float())
+    target_weight = torch.pow(0.5, members.float())
+    return nearest, source_weight, target_weight
+
+
+@dataclass
+class SimilarityMerge(LastTokenAttentionDrop):
+    """HoliTom's inner-LLM merge (module doc, step 5): after `layer` (None: `inner_merge_layer` of the model's
+    depth) keep `keep` of the visual tokens by the last token's attention, as FastV does, and fold every
+    other visual token into its most similar kept visual token (cosine of the layer's output hidden states)
+    before the drop."""
+
+    layer: int | None = None
+    keep: float = PAPER_INNER_KEEP
+
+    def layers(self, num_layers: int) -> list[int]:
+        return [inner_merge_layer(num_layers) if self.layer is None else self.layer]
+
+    def merge(self, ctx: LayerContext, kept: torch.Tensor) -> HiddenMerge:
+        visual = ctx.visual  # [B, N]
+        target = torch.full(visual.shape, FILLER, dtype=torch.long, device=visual.device)
+        weight = torch.zeros(visual.shape, dtype=torch.float32, device=visual.device)
+        for row in range(visual.shape[0]):
+            sources = (visual[row] & ~kept[row]).nonzero().squeeze(1)  # ascending: the published loop's order
+            targets = (visual[row] & kept[row]).nonzero().squeeze(1)
+            if sources.numel() == 0 or targets.numel() == 0:
+                continue
+            nearest, source_weight, target_weight = pairwise_average_merge(ctx.hidden[row, sources], ctx.hidden[row, targets])
+            target[row, sources] = targets[nearest]
+            weight[row, sources] = source_weight
+            has_members = torch.bincount(nearest, minlength=targets.numel()) > 0  # the others stay as they are
+            target[row, targets[has_members]] = targets[has_members]
+            weight[row, targets[has_members]] = target_weight[has_members]
+        return HiddenMerge(target, weight)
+
+
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -185,8 +270,11 @@ def _check_positive_int(name: str, value: object) -> None:
 
 @dataclass
 class HoliTom(Method):
-    """HoliTom without its inner-LLM merge: temporal windows + static and spatial density-peak merging
-    of every video (and image) before the LLM, to about `keep` of the visual tokens. See the module doc."""
+    """HoliTom: temporal windows + static and spatial density-peak merging of every video (and image) before
+    the LLM, to about `keep` of the visual tokens; then, after decoder layer `inner_layer` (None: the
+    published 18 of 28 scaled to the depth), `inner_keep` of them stay and the rest merge into their most
+    similar kept token. `inner_keep=1.0` leaves the inner merge out (the paper's "HoliTom (w/o M)").
+    See the module doc."""
 
     keep: float = 0.1
     tau: float | None = None
@@ -194,9 +282,15 @@ class HoliTom(Method):
     contextual_share: float = 0.0
     k: int = 7
     max_window: int = 1024
+    inner_keep: float = PAPER_INNER_KEEP
+    inner_layer: int | None = None
 
     def __post_init__(self) -> None:
         check_fraction("keep", self.keep)
+        check_fraction("inner_keep", self.inner_keep)
+        if self.inner_layer is not None and (isinstance(self.inner_layer, bool) or not isinstance(self.inner_layer, int)
+                                             or self.inner_layer < 0):
+            raise ValueError(f"inner_layer must be a decoder layer index >= 0 or None, got {self.inner_layer!r}")
         if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, (int, float))
                                      or not -1 <= self.tau <= 1):
             raise ValueError(f"tau must be a cosine similarity in [-1, 1] or None, got {self.tau!r}")
@@ -206,9 +300,17 @@ class HoliTom(Method):
         _check_positive_int("max_window", self.max_window)
 
     def stages(self) -> tuple[Sequence[PreLLMStage], Sequence[LLMStage]]:
-        return (HolisticMerge(self.keep, self.tau, self.beta, self.contextual_share, self.k, self.max_window),), ()
+        outer = HolisticMerge(self.keep, self.tau, self.beta, self.contextual_share, self.k, self.max_window)
+        inner = () if self.inner_keep == 1.0 else (SimilarityMerge(self.inner_layer, self.inner_keep),)
+        return (outer,), inner
 
     @classmethod
     def budget_options(cls, keep_fraction: float, num_layers: int) -> dict[str, float]:
-        """Visual-token budget -> keep = budget (every LLM layer sees the pre-LLM count)."""
-        return {"keep": keep_fraction}
+        """Visual-token budget b -> (keep, inner_keep) at the default inner layer l of L layers: layers 0..l
+        see keep * V and the rest inner_keep of that, so keep = b L / (l + 1 + (L - l - 1) inner_keep) with
+        the published inner_keep 0.5; when that exceeds 1, keep = 1 and inner_keep = (b L - l - 1) / (L - l - 1)."""
+        full = inner_merge_layer(num_layers) + 1  # layers that see every token that entered the LLM
+        keep = keep_fraction * num_layers / (full + (num_layers - full) * PAPER_INNER_KEEP)
+        if keep <= 1.0:
+            return {"keep": keep, "inner_keep": PAPER_INNER_KEEP}
+        return {"keep": 1.0, "inner_keep": (keep_fraction * num_layers - full) / (num_layers - full)}

@@ -11,8 +11,11 @@ The common budget is the fraction of the visual tokens (as they come out of the 
 processes, averaged over its decoder layers: mean_l V_l / V_in, where V_l counts the visual tokens layer l
 computes on (`SampleStats.layer_visual_tokens`, measured by `visual_budget`). How each method maps a budget b
 (L = decoder layers; counts round per frame / per layer, so the realised budget is within rounding of b):
-- visionzip, random, pool, divprune, cdpruner, vispruner, holitom, fastvid: every layer sees the pre-LLM
-  count, so keep = b (pool's grid rounding is coarser, see `Pool`).
+- visionzip, random, pool, divprune, cdpruner, vispruner, fastvid: every layer sees the pre-LLM count, so
+  keep = b (pool's grid rounding is coarser, see `Pool`).
+- holitom: layers 0..l (its default inner-merge layer) see keep * V and the rest inner_keep of that: keep
+  = b L / (l + 1 + (L - l - 1) / 2) at the published inner_keep 0.5, or keep = 1 and the inner_keep that
+  reaches b when that exceeds 1 (see `HoliTom.budget_options`).
 - prumerge, prumerge+: the fixed-budget variant keep = b (the paper's adaptive IQR count has no knob).
 - fastv, dart: layers 0..K see everything and the rest keep R, so R = (b L - (K + 1)) / (L - K - 1) at the
   default K = 1 (the papers' K = 2; lowered to 0 when b is too small for it; ValueError below 1 / L;

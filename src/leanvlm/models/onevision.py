@@ -15,6 +15,9 @@ and hands those to the stages:
 - a tiled image is two `VisualItem`s: the base tile (grid h x w) and the high-resolution grid
   (grid h' x w' of the packed grid, i.e. after unpadding/interpolation, the raster the LLM sees);
 - an untiled image is one item (grid h x w); a video is one item with one frame per video frame.
+The high-resolution item carries `crops` (the tile every grid cell came from, read off the model's own
+packing of a tile-indicator dummy), so a stage can budget tile by tile as if each had been its own item
+(VisionZip's `per_crop`).
 After reduction the placeholder run is rebuilt in the model's order: surviving tokens in raster order and
 a newline after the last survivor of every high-resolution row (a row whose tokens all merged away keeps
 its newline), the trailing newline of videos / untiled images stays. The newlines are never merged or
@@ -50,7 +53,8 @@ class Run:
     """One image / video placeholder run of input_ids, as the model packs it (before any reduction).
 
     newline [length] bool marks the newline positions of the run; base: tokens of the base tile (0 for
-    a video); hires: (h', w') of a tiled image's high-resolution grid (None otherwise); frames: video frames.
+    a video); hires: (h', w') of a tiled image's high-resolution grid (None otherwise); crops [h' * w'] long:
+    the high-resolution tile each grid cell came from (None without a grid); frames: video frames.
     """
 
     kind: str
@@ -60,6 +64,7 @@ class Run:
     newline: torch.Tensor
     base: int = 0
     hires: tuple[int, int] | None = None
+    crops: torch.Tensor | None = None
     frames: int = 0
 
     @property
@@ -123,9 +128,12 @@ class OneVisionAdapter(ModelAdapter):
             vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"), return_dict=True)
 
     # --- the placeholder runs -------------------------------------------------------------------------
-    def _image_layouts(self, kwargs: dict[str, Any]) -> list[tuple[torch.Tensor, int, tuple[int, int] | None]]:
-        """Per image: (newline flags of its run, base tokens, high-resolution grid or None), from the image
-        sizes alone: the model's packing applied to a one-channel dummy (1 = patch, 0 = newline)."""
+    def _image_layouts(self, kwargs: dict[str, Any]) -> list[tuple[torch.Tensor, int, tuple[int, int] | None, torch.Tensor | None]]:
+        """Per image: (newline flags of its run, base tokens, high-resolution grid or None, the tile of every
+        grid cell or None), from the image sizes alone: the model's packing applied to a dummy whose channel 0
+        marks patches (1; newlines 0) and channel 1 + k is tile k's indicator. Unpadding only crops the
+        stitched tiles, so a cell's indicator stays one-hot; where the grid is interpolated down (OneVision's
+        `vision_aspect_ratio`) a cell blends up to 4 neighbours and belongs to the tile with the largest weight."""
         sizes = self.visual_input(kwargs, "image_sizes")
         if sizes is None:
             raise ValueError(f"{self.family}: images without `image_sizes`; pass the processor's image_sizes")
@@ -133,16 +141,24 @@ class OneVisionAdapter(ModelAdapter):
         tokens = self._side ** 2
         layouts = []
         tiles = self._tiles_per_image(kwargs, sizes)
-        dummies = [torch.ones(n, tokens, 1) for n in tiles]
-        packed = self._pack(dummies, sizes, kwargs, torch.zeros(1))
+        channels = 1 + max(tiles, default=1)
+        dummies = []
+        for n in tiles:
+            dummy = torch.zeros(n, tokens, channels)  # [tiles, T, 1 + max tiles]
+            dummy[:, :, 0] = 1.0
+            dummy[torch.arange(n), :, 1 + torch.arange(n)] = 1.0
+            dummies.append(dummy)
+        packed = self._pack(dummies, sizes, kwargs, torch.zeros(channels))
         for n, marks in zip(tiles, packed):
             newline = marks[:, 0] < 0.5
             if n == 1:
-                layouts.append((newline, tokens, None))
+                layouts.append((newline, tokens, None, None))
                 continue
             rows = int(newline[tokens:].sum())
             width = (newline.numel() - tokens) // rows - 1
-            layouts.append((newline, tokens, (rows, width)))
+            grid_marks = marks[tokens:][~newline[tokens:]]  # [h' * w', channels], raster order
+            crops = grid_marks[:, 2:1 + n].argmax(dim=1)  # high-resolution tiles 1..n-1 -> crops 0..n-2
+            layouts.append((newline, tokens, (rows, width), crops))
         return layouts
 
     def _video_frames(self, kwargs: dict[str, Any]) -> list[int]:
@@ -167,8 +183,8 @@ class OneVisionAdapter(ModelAdapter):
         runs: list[Run] = []
         has_images = self.visual_input(kwargs, "pixel_values") is not None or mm.get("image") is not None
         if has_images:
-            for index, (newline, base, hires) in enumerate(self._image_layouts(kwargs)):
-                runs.append(Run("image", index, 0, 0, newline, base=base, hires=hires))
+            for index, (newline, base, hires, crops) in enumerate(self._image_layouts(kwargs)):
+                runs.append(Run("image", index, 0, 0, newline, base=base, hires=hires, crops=crops))
         per_frame = self._video_side ** 2
         for index, frames in enumerate(self._video_frames(kwargs)):
             newline = torch.zeros(frames * per_frame + int(self.video_newline), dtype=torch.bool)
@@ -257,7 +273,8 @@ class OneVisionAdapter(ModelAdapter):
             if run.hires is not None:
                 out[run.index].append(VisualItem.from_frames(
                     tokens[None, run.base:], run.hires, run.sample, "image",
-                    {name: part(v, run.base, tokens.shape[0]) for name, v in sig.items()}))
+                    {name: part(v, run.base, tokens.shape[0]) for name, v in sig.items()},
+                    crops=run.crops.to(feature.device)))
         return out
 
     def _video_items(self, runs: list[Run], features: Any, signals: dict[str, torch.Tensor]) -> dict[int, list[VisualItem]]:

@@ -57,3 +57,20 @@ def gather_slots(values: torch.Tensor, index: torch.Tensor, fill: float | bool |
     if fill is None:
         return out
     return out.masked_fill((index == FILLER).view(view), fill)
+
+
+def merge_slots(values: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Fold slots into target slots: a slot that some slot targets becomes the weighted sum of the slots that
+    target it; every other slot is returned unchanged (bit-exact).
+
+    values [B, N, D]; target [B, N] long (-1: contributes to nothing); weight [B, N] float -> [B, N, D], summed
+    in float32 (or wider) and cast back to values' dtype.
+    """
+    accumulate = torch.promote_types(values.dtype, torch.float32)
+    contributes = target >= 0
+    index = target.clamp(min=0)
+    weighted = values.to(accumulate) * torch.where(contributes, weight, 0).to(accumulate)[..., None]
+    summed = torch.zeros(values.shape, dtype=accumulate, device=values.device)
+    summed.scatter_add_(1, index[..., None].expand_as(values), weighted)
+    touched = torch.zeros(target.shape, dtype=torch.long, device=target.device).scatter_add_(1, index, contributes.long())
+    return torch.where((touched > 0)[..., None], summed.to(values.dtype), values)

@@ -7,7 +7,8 @@ Hooks installed (nothing global, nothing on classes):
   position ids and attention mask of the tokens they still compute on;
 - on each dropping layer, a pre-hook on its attention module and forward hooks on its q/k projections
   (so scoring reuses the layer's own projections and position embeddings instead of recomputing them),
-  and a forward hook that removes the dropped tokens from the layer's output hidden states;
+  and a forward hook that removes the dropped tokens from the layer's output hidden states (after folding
+  them into kept tokens, for a stage that merges: `LLMStage.merge`);
 - `generate` of the instance is wrapped, so that uncached generation reuses the prompt's decisions;
 - the adapter's own hooks (`ModelAdapter.install_hooks`, e.g. Qwen3-VL's DeepStack injection), after these.
 
@@ -41,10 +42,10 @@ from torch import nn
 
 from leanvlm.compat import cache_length, find_cache, sliding_window_of
 from leanvlm.models import get_adapter
-from leanvlm.ops.select import FILLER, gather_slots, pack_right, top_k_mask
+from leanvlm.ops.select import FILLER, gather_slots, merge_slots, pack_right, top_k_mask
 from leanvlm.runtime.context import LayerContext, TokenLayout
 from leanvlm.runtime.masks import decode_mask, reduced_attention_mask
-from leanvlm.runtime.stages import INSTRUCTION, LLMStage, check_layer
+from leanvlm.runtime.stages import INSTRUCTION, HiddenMerge, LLMStage, check_layer
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 from leanvlm.stats import ReductionStats, build_stats, visual_depth
 
@@ -72,6 +73,8 @@ class Session:
     shrunk: ShrunkSequence | None
     # drop layer -> [B, N_kept] positions (prompt space) of the tokens kept after it, -1 = filler
     decisions: dict[int, torch.Tensor] = field(default_factory=dict)
+    # merging drop layer -> HiddenMerge over prompt positions ([B, prompt_length]: target POSITION, weight)
+    merges: dict[int, HiddenMerge] = field(default_factory=dict)
     decoded: int = 0  # tokens appended to the session's cache by cached decode steps so far
 
     @property
@@ -443,13 +446,17 @@ class AppliedMethod:
             batch, length = hidden.shape[:2]
             index = fwd.index if fwd.index is not None else torch.arange(length, device=hidden.device).expand(batch, -1)
             if fwd.phase is Phase.PREFILL:
-                keep = self._decide(layer, stage, attn, hidden, index)
+                keep, merge = self._decide(layer, stage, attn, hidden, index)
             else:
-                keep = self._replay(layer, index)
+                keep, merge = self._replay(layer, index), self._replay_merge(layer, index)
             slots = None if keep is None else pack_right(keep)
             if slots is None or (slots.shape[1] == length and not (slots == FILLER).any()):
                 fwd.seconds += time.perf_counter() - start
                 return None  # nothing dropped: leave the sequence untouched (bit-exact)
+            if merge is not None:
+                hidden = merge_slots(hidden, merge.target, merge.weight)
+                if fwd.phase is Phase.PREFILL:
+                    fwd.session.merges[layer] = self._merge_positions(merge, index)
             fwd.index = gather_slots(index, slots, fill=FILLER)
             fwd.overrides.clear()  # they were gathered for the previous slots
             if fwd.phase is Phase.PREFILL:
@@ -460,8 +467,10 @@ class AppliedMethod:
 
         return hook
 
-    def _decide(self, layer: int, stage: LLMStage, attn: nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Ask the stage, then keep the non-candidates plus its top-k candidates. -> keep [B, N] bool."""
+    def _decide(self, layer: int, stage: LLMStage, attn: nn.Module, hidden: torch.Tensor,
+                index: torch.Tensor) -> tuple[torch.Tensor, HiddenMerge | None]:
+        """Ask the stage, then keep the non-candidates plus its top-k candidates. -> (keep [B, N] bool, the
+        stage's merge of the dropped tokens into kept ones or None)."""
         fwd = self.fwd
         attn_hidden, position_embeddings = fwd.attn_input
         ctx = LayerContext(
@@ -482,9 +491,41 @@ class AppliedMethod:
         real = gather_slots(fwd.layout.valid, index, fill=False)
         # Padding goes with the first real drop (fewer tokens, and every row then ends with its last real
         # token whatever the padding side); a stage that keeps everything leaves the sequence untouched.
-        if bool((candidates & ~chosen).any()):
-            return real & (~candidates | chosen)
-        return (index >= 0) & (~candidates | chosen)
+        if not bool((candidates & ~chosen).any()):
+            return (index >= 0) & (~candidates | chosen), None
+        keep = real & (~candidates | chosen)
+        with torch.no_grad():
+            merge = stage.merge(ctx, keep)
+        return keep, merge
+
+    def _merge_positions(self, merge: HiddenMerge, index: torch.Tensor) -> HiddenMerge:
+        """A merge over the current slots (index [B, N] -> layer-0 positions) restated over the prompt's
+        positions, so that an uncached step, whose slots differ, can replay it. -> target positions [B, L]."""
+        length = self.fwd.layout.visual.shape[1]
+        target = torch.full((index.shape[0], length + 1), FILLER, dtype=torch.long, device=index.device)
+        weight = torch.zeros(index.shape[0], length + 1, dtype=merge.weight.dtype, device=index.device)
+        source = torch.where(index >= 0, index, length)  # fillers write the spare last column
+        target_position = torch.where(merge.target >= 0, torch.gather(index, 1, merge.target.clamp(min=0)), FILLER)
+        target.scatter_(1, source, target_position)
+        weight.scatter_(1, source, merge.weight)
+        return HiddenMerge(target[:, :length], weight[:, :length])
+
+    def _replay_merge(self, layer: int, index: torch.Tensor) -> HiddenMerge | None:
+        """Extend phase: the prompt's merge after this layer over the current slots (newer tokens take part
+        in none)."""
+        session = self.fwd.session
+        merge = session.merges.get(layer)
+        if merge is None:
+            return None
+        prompt = torch.where((index >= 0) & (index < session.prompt_length), index, FILLER)
+        target_position = gather_slots(merge.target, prompt, fill=FILLER)
+        weight = gather_slots(merge.weight, prompt, fill=0)
+        total = self.fwd.layout.visual.shape[1]
+        slot_of_position = torch.full((index.shape[0], total + 1), FILLER, dtype=torch.long, device=index.device)
+        slots = torch.arange(index.shape[1], device=index.device).expand_as(index)
+        slot_of_position.scatter_(1, torch.where(index >= 0, index, total), slots)
+        target = torch.where(target_position >= 0, torch.gather(slot_of_position, 1, target_position.clamp(min=0)), FILLER)
+        return HiddenMerge(target, weight)
 
     def _replay(self, layer: int, index: torch.Tensor) -> torch.Tensor | None:
         """Extend phase: keep what the prompt kept after this layer, plus every newer token."""

@@ -7,7 +7,8 @@ them (and `methods/base.py` re-exports them for method authors).
 - An `LLMStage` drops tokens from the hidden-state sequence after given decoder layers. The runtime asks it
   for a `Selection` (scores over the current tokens, which of them are candidates, how many candidates to
   keep per sample); the shared runtime does the top-k, keeps original order, and removes the dropped
-  tokens from the hidden states, the positions, the attention mask and the later layers' KV cache.
+  tokens from the hidden states, the positions, the attention mask and the later layers' KV cache. A stage
+  may also fold the tokens it drops into the ones it keeps first (`LLMStage.merge`, a `HiddenMerge`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ class Selection:
     keep: torch.Tensor
 
 
+@dataclass
+class HiddenMerge:
+    """How an in-LLM stage folds the tokens it drops into tokens it keeps, before the drop.
+
+    target [B, N] long: the slot each current slot's hidden state is added into (-1: none; a kept target
+    lists itself); weight [B, N] float: that state's weight in its target's new state. Every slot some slot
+    targets becomes sum(weight[s] * hidden[s] for the slots s targeting it); every other slot is unchanged.
+    """
+
+    target: torch.Tensor
+    weight: torch.Tensor
+
+
 class LLMStage(ABC):
     """Drops tokens after some decoder layers. Layers are 0-indexed: acting at layer l means layer l still
     sees every token, its attention is what the stage scores with, and layers > l see only the kept ones."""
@@ -53,6 +67,12 @@ class LLMStage(ABC):
     @abstractmethod
     def select(self, ctx: LayerContext) -> Selection:
         """Score the current tokens at `ctx.layer` and say how many candidates to keep."""
+
+    def merge(self, ctx: LayerContext, kept: torch.Tensor) -> HiddenMerge | None:
+        """Hidden states of dropped tokens to fold into kept ones before the drop (None, the default: a
+        plain drop). kept [B, N] bool: the slots that survive this layer. The runtime records the merge and
+        replays it on uncached generation steps, like the drop itself."""
+        return None
 
     def planned_keep(self, layer: int, num_layers: int, visual_into_llm: int, visual_now: int) -> int:
         """Analytic visual-token count after `layer` of a `num_layers`-deep model (for FLOPs budgets), given

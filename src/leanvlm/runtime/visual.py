@@ -20,7 +20,9 @@ class VisualItem:
     output token each original patch ended in, -1 if dropped. signals: vision-tower signals a stage asked
     for, each [F, h*w] (e.g. "cls_attention"). sample: the batch row the item belongs to. instruction: [M, D]
     LLM input embeddings of the sample's instruction tokens (`TokenLayout.question`), set only when a stage
-    needs `stages.INSTRUCTION`.
+    needs `stages.INSTRUCTION`. crops: [h*w] long or None, for an item stitched from several vision-encoder
+    crops (the anyres high-resolution grid of LLaVA-NeXT / OneVision): the crop each grid cell came from
+    (0-based, in the model's tile order); None when the item is one crop (or one image / frame of its own).
     """
 
     frames: list[torch.Tensor]
@@ -32,15 +34,16 @@ class VisualItem:
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     instruction: torch.Tensor | None = None
+    crops: torch.Tensor | None = None
 
     @classmethod
     def from_frames(cls, frames: torch.Tensor | list[torch.Tensor], grid: tuple[int, int], sample: int, kind: str = "image",
-                    signals: dict[str, torch.Tensor] | None = None) -> VisualItem:
-        """Unreduced item: frames [F, T, C] (or a list of [T, C]) with T == h * w."""
+                    signals: dict[str, torch.Tensor] | None = None, crops: torch.Tensor | None = None) -> VisualItem:
+        """Unreduced item: frames [F, T, C] (or a list of [T, C]) with T == h * w; crops [h * w] or None."""
         frames = list(frames)
         ident = [torch.arange(f.shape[0], device=f.device) for f in frames]
         return cls(frames=frames, grid=grid, origin=ident, groups=[i.clone() for i in ident], sample=sample, kind=kind,
-                   signals=dict(signals or {}))
+                   signals=dict(signals or {}), crops=crops)
 
     @property
     def num_tokens(self) -> int:
