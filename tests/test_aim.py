@@ -168,7 +168,7 @@ def test_for_budget_accepts_a_model_instance():
     (dict(merge_keep=0), r"merge_keep must be in \(0, 1\], got 0"),
     (dict(merge_keep=1.2), r"merge_keep must be in \(0, 1\], got 1.2"),
     (dict(l1=5, l2=5), "l2 > l1, got l1=5, l2=5"),
-    (dict(importance="random"), "importance must be 'auto', 'pagerank' or 'text', got 'random'"),
+    (dict(importance="random"), "importance must be 'pagerank' or 'text', got 'random'"),
     (dict(merge_metric="value"), "merge metric must be 'features' or 'key', got 'value'"),
     (dict(merge_pass_fraction=0.7), r"pass_fraction must be in \(0, 0.5\], got 0.7"),
 ])
@@ -192,15 +192,16 @@ def _item(kind: str, frames: int = 1, seed: int = 0):
     return x, keys, VisualItem.from_frames(x, (8, 8), 0, kind, {"keys": keys})
 
 
-@pytest.mark.parametrize(("kind", "fraction"), [("image", 0.25), ("video", 0.5)])
-def test_merge_schedule_per_modality(kind, fraction):
-    """Images merge at most a quarter of their tokens per pass (measured, docs/methods/aim.md); video frames
-    keep the SPEC schedule (half per pass)."""
+@pytest.mark.parametrize(("kind", "fraction"), [("image", None), ("video", None), ("video", 0.5)])
+def test_merge_schedule(kind, fraction):
+    """Images and video frames merge at most a quarter of their tokens per pass by default (measured,
+    docs/methods/aim.md); pass_fraction=0.5 is the SPEC schedule (half per pass)."""
     from leanvlm.methods.aim import TokenMerge
     from leanvlm.ops.merge import merge_tokens
 
     x, _, item = _item(kind, frames=2)
-    got = TokenMerge(0.25).reduce(item)
+    got = TokenMerge(0.25).reduce(item) if fraction is None else TokenMerge(0.25, pass_fraction=fraction).reduce(item)
+    fraction = fraction or 0.25
     want = merge_tokens(x, None, 0.25, pass_fraction=fraction)
     for f in range(2):
         torch.testing.assert_close(got.frames[f], want.tokens[f], atol=0, rtol=0)
@@ -231,18 +232,19 @@ def test_key_metric_on_a_model_runs_and_keeps_the_budget():
     assert method.stats.samples[0].visual_into_llm == PATCHES // 2
 
 
-def test_auto_importance_ranks_videos_by_pagerank_and_images_by_text():
-    """importance="auto" (the default): in one mixed batch, the image sample is pruned exactly as with
-    importance="text" and the video sample exactly as with importance="pagerank"."""
+def test_default_importance_is_text_for_images_and_videos():
+    """AIM() ranks by the question's attention on both modalities (measured on the bundled image and video
+    models, docs/methods/aim.md): in one mixed batch both samples are pruned exactly as with
+    importance="text", and PageRank ranks differently."""
     from tiny_families import FAMILIES, image, video
 
     family = FAMILIES["llava_onevision"]
     model = family.build(layers=4)
     inputs = family.inputs(model, [[3, image(0), 4], [2, video(1), 3]])
     logits = {}
-    for importance in ("auto", "text", "pagerank"):
-        with leanvlm.AIM(merge_keep=1.0, l1=1, l2=3, importance=importance).apply(model):
+    for importance in (None, "text", "pagerank"):
+        options = {} if importance is None else {"importance": importance}
+        with leanvlm.AIM(merge_keep=1.0, l1=1, l2=3, **options).apply(model):
             logits[importance] = model(**inputs).logits[:, -1]
-    torch.testing.assert_close(logits["auto"][0], logits["text"][0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits["auto"][1], logits["pagerank"][1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[None], logits["text"], atol=1e-5, rtol=0)
     assert not torch.allclose(logits["text"], logits["pagerank"], atol=1e-4)  # the two rankings do differ

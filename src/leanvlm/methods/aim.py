@@ -7,21 +7,22 @@ Two stages:
 2. `ProgressivePrune` (inside the LLM): after every layer l in [l1, l2) keep the fraction keep(l) of the
    visual tokens that entered the LLM (linear from 1 to 0), ranked by the PageRank-style multi-modal
    importance of that layer's attention (tau 0.1, 5 iterations, RMS over heads); layers >= l2 see no
-   visual token. `importance="text"` ranks by the attention the question's tokens pay instead; the
-   default "auto" ranks video prompts by PageRank and image prompts by text (measured below).
+   visual token. `importance="text"` (the default, measured below) ranks by the attention the question's
+   tokens pay instead.
 
 Deviations from the published code (SPEC): merged tokens keep raster order (the code leaves unmerged
 sources in score order); merging uses the size-weighted mean by default (measured in `ops.merge`);
 pruned tokens are physically removed (the code masks them); surviving tokens keep their original RoPE
 positions and decoding continues from the original length (the code shifts decode positions).
 
-Per-modality defaults, measured on the bundled real model on held-out data (docs/methods/aim.md,
-`benchmarks/aim_ablation.py`; two draws): images merge at most a quarter of their tokens a pass instead of
-half (the published r = T/2 first pass merges every source token, objects included: AIM's default went
-from 0.971 / 0.520 to 0.992 / 0.717 on fresh easy-VQA-style images / held-out scenes, full model 1.000 /
-0.740) and rank by the question's attention (text: 0.717 vs PageRank 0.691 on scenes, 0.704 vs 0.661 on
-the second draw; 15x cheaper). Videos keep the SPEC schedule and PageRank until a real video model
-measures them. PageRank scores are ranked without float32 underflow ties (`ranking_importance`).
+Defaults that deviate from the SPEC, measured on the bundled real models on held-out data
+(docs/methods/aim.md): every frame merges at most a quarter of its tokens a pass instead of half (the
+published r = T/2 first pass merges every source token, objects included), and the pruning ranks by the
+question's attention instead of PageRank (`importance="pagerank"` gives the published ranking). Images
+(`benchmarks/aim_ablation.py`, two draws): AIM went from 0.971 / 0.520 to 0.992 / 0.717 on fresh
+easy-VQA-style images / held-out scenes (full model 1.000 / 0.740). Video (the bundled video model, 200
+clip questions): 0.520 -> 0.735 (full model 0.730); the quarter schedule alone 0.600, text alone 0.560.
+PageRank scores are ranked without float32 underflow ties (`ranking_importance`).
 """
 
 from __future__ import annotations
@@ -42,16 +43,14 @@ from leanvlm.ops.select import pack_right
 from leanvlm.runtime.context import LayerContext
 from leanvlm.runtime.visual import VisualItem
 
-Importance = Literal["auto", "pagerank", "text"]
+Importance = Literal["pagerank", "text"]
 MergeMetric = Literal["features", "key"]
 
-#: Per-pass merge fraction for images (measured, docs/methods/aim.md): a pass that removes half of a
-#: frame's tokens merges EVERY even-position token into its best match, object or not; merging at most a
-#: quarter per pass merges only the most similar pairs (bundled model, held-out data, merge only at 25%:
-#: scenes 0.565 -> 0.714, plain 0.740; fresh easy-VQA 0.979 -> 1.000).
-IMAGE_PASS_FRACTION = 0.25
-#: Video frames keep the SPEC / published schedule (196 -> 98 -> 49) until a real video model measures it.
-VIDEO_PASS_FRACTION = 0.5
+#: Per-pass merge fraction (measured, docs/methods/aim.md): a pass that removes half of a frame's tokens
+#: (the SPEC / published schedule) merges EVERY even-position token into its best match, object or not;
+#: merging at most a quarter per pass merges only the most similar pairs (bundled model, held-out data,
+#: merge only at 25%: scenes 0.565 -> 0.714, plain 0.740; fresh easy-VQA 0.979 -> 1.000).
+PASS_FRACTION = 0.25
 
 
 @dataclass
@@ -67,21 +66,14 @@ class TokenMerge(PreLLMStage):
     weighted: bool = True
     metric: MergeMetric = "features"
     #: at most this fraction of a frame's tokens is merged away per pass (ops.merge.merge_schedule);
-    #: None = per modality, IMAGE_PASS_FRACTION for images and VIDEO_PASS_FRACTION for video frames
-    pass_fraction: float | None = None
+    #: 0.5 is the SPEC / published schedule
+    pass_fraction: float = PASS_FRACTION
 
     def __post_init__(self) -> None:
         check_fraction("merge_keep", self.keep)
         if self.metric not in ("features", "key"):
             raise ValueError(f"merge metric must be 'features' or 'key', got {self.metric!r}")
-        if self.pass_fraction is not None:
-            merge_schedule(2, 0.5, self.pass_fraction)  # validates it
-
-    def pass_fraction_for(self, kind: str) -> float:
-        """The per-pass merge fraction used for an item of this kind ("image" / "video")."""
-        if self.pass_fraction is not None:
-            return self.pass_fraction
-        return VIDEO_PASS_FRACTION if kind == "video" else IMAGE_PASS_FRACTION
+        merge_schedule(2, 0.5, self.pass_fraction)  # validates it
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
@@ -99,7 +91,7 @@ class TokenMerge(PreLLMStage):
             if self.metric == "key":  # [F, T, D] keys of the current tokens (float32: cosine of small norms)
                 metric = torch.stack([frame_signal(item, "keys", i, "AIM's key merge metric") for i in rows]).float()
             result = merge_tokens(torch.stack([item.frames[i] for i in rows]), metric, self.keep, weighted=self.weighted,
-                                  pass_fraction=self.pass_fraction_for(item.kind))
+                                  pass_fraction=self.pass_fraction)
             for j, i in enumerate(rows):
                 frames.append(result.tokens[j])
                 origin.append(item.origin[i][result.kept_indices[j]])
@@ -119,7 +111,7 @@ class ProgressivePrune(LLMStage):
 
     l1: int | None = None
     l2: int | None = None
-    importance: Importance = "auto"
+    importance: Importance = "text"
     tau: float = 0.1
     iterations: int = 5
     chunk_size: int = 256
@@ -129,8 +121,8 @@ class ProgressivePrune(LLMStage):
     exact_ranking: bool = True
 
     def __post_init__(self) -> None:
-        if self.importance not in ("auto", "pagerank", "text"):
-            raise ValueError(f"importance must be 'auto', 'pagerank' or 'text', got {self.importance!r}")
+        if self.importance not in ("pagerank", "text"):
+            raise ValueError(f"importance must be 'pagerank' or 'text', got {self.importance!r}")
 
     def resolve(self, num_layers: int) -> tuple[int, int]:
         """(l1, l2) for a model of this depth, validated."""
@@ -159,23 +151,17 @@ class ProgressivePrune(LLMStage):
         if bool((keep >= available).all()) or bool((keep == 0).all()):
             # Nothing to rank: everything stays, or every visual token goes.
             return Selection(torch.zeros(candidates.shape, device=candidates.device), candidates, keep)
-        pagerank_rows = {"pagerank": torch.ones_like(available, dtype=torch.bool),
-                         "text": torch.zeros_like(available, dtype=torch.bool),
-                         "auto": ctx.has_video}[self.importance]
-        scores = None
-        if bool((~pagerank_rows).any()):
+        if self.importance == "text":
             rows = pack_right(ctx.question)
             scores = ctx.attention_from(rows.clamp(min=0), rows >= 0, chunk_size=self.chunk_size)
-        if bool(pagerank_rows.any()):
+        else:
             queries, keys, scale = ctx.queries_keys(None)
             options = dict(tau=self.tau, iterations=self.iterations, chunk_size=self.chunk_size,
                            max_matrix_bytes=self.max_matrix_bytes)
             if self.exact_ranking:
-                ranked = ranking_importance(queries, keys, ctx.index, ctx.index, ctx.present, candidates, scale, **options)
+                scores = ranking_importance(queries, keys, ctx.index, ctx.index, ctx.present, candidates, scale, **options)
             else:
-                ranked = pagerank_importance(queries, keys, ctx.index, ctx.index, ctx.present, scale, **options)
-            # top-k runs per row, so rows may rank by different scores
-            scores = ranked if scores is None else torch.where(pagerank_rows[:, None], ranked, scores)
+                scores = pagerank_importance(queries, keys, ctx.index, ctx.index, ctx.present, scale, **options)
         return Selection(scores, candidates, keep)
 
     def planned_keep(self, layer: int, num_layers: int, visual_into_llm: int, visual_now: int) -> int:
@@ -196,10 +182,10 @@ class AIM(Method):
     prune: bool = True
     l1: int | None = None
     l2: int | None = None
-    importance: Importance = "auto"
+    importance: Importance = "text"
     weighted_merge: bool = True
     merge_metric: MergeMetric = "features"
-    merge_pass_fraction: float | None = None
+    merge_pass_fraction: float = PASS_FRACTION
 
     def __post_init__(self) -> None:
         check_fraction("merge_keep", self.merge_keep)
@@ -225,7 +211,7 @@ class AIM(Method):
         text_tokens: int = 40,
         frames: int = 1,
         tolerance: float = 0.05,
-        importance: Importance = "auto",
+        importance: Importance = "text",
     ) -> AIM:
         """The AIM configuration whose analytic LLM prefill FLOPs are `flops_ratio` of the full model's.
 

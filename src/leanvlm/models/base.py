@@ -74,12 +74,6 @@ class ModelAdapter(ABC):
                 if i is not None]
 
     @property
-    def video_token_ids(self) -> list[int]:
-        """The placeholder ids among `visual_token_ids` that mark video tokens (none for image-only families)."""
-        video = getattr(self.model.config, "video_token_id", None)
-        return [] if video is None else [int(video)]
-
-    @property
     def pad_token_id(self) -> int:
         pad = getattr(self.text_config, "pad_token_id", None)
         return 0 if pad is None else int(pad)

@@ -50,10 +50,6 @@ class Idefics3Adapter(ModelAdapter):
         return self.model.model.text_model
 
     @property
-    def video_token_ids(self) -> list[int]:
-        return []  # videos arrive as image tiles
-
-    @property
     def visual_token_ids(self) -> list[int]:
         return [int(self.model.config.image_token_id)]
 

@@ -23,16 +23,14 @@ class TokenLayout:
     visual: torch.Tensor
     valid: torch.Tensor
     question: torch.Tensor
-    video: torch.Tensor  # visual tokens of a video (placeholder id = the model's video token id)
 
     @classmethod
     def from_ids(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, visual_ids: list[int],
-                 protected: torch.Tensor | None = None, video_ids: list[int] | None = None) -> TokenLayout:
+                 protected: torch.Tensor | None = None) -> TokenLayout:
         """input_ids [B, N0] long, attention_mask [B, N0] (or None: all valid).
 
         protected [B, N0] bool (or None): placeholder positions that carry a separator the model inserts
         itself (LLaVA-OneVision's image newline). They are neither visual (never reduced) nor question tokens.
-        video_ids: the placeholder ids of video tokens (a subset of visual_ids; None or []: no video).
         """
         placeholder = torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device))
         valid = torch.ones_like(placeholder) if attention_mask is None else attention_mask.bool()
@@ -43,8 +41,7 @@ class TokenLayout:
         text = valid & ~placeholder
         after = text & (positions > last_visual)
         question = torch.where(after.any(dim=1, keepdim=True), after, text)
-        video = visual & torch.isin(input_ids, torch.tensor(video_ids or [], dtype=input_ids.dtype, device=input_ids.device))
-        return cls(visual=visual, valid=valid, question=question, video=video)
+        return cls(visual=visual, valid=valid, question=question)
 
 
 QueryKeyFn = Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, float]]
@@ -84,11 +81,6 @@ class LayerContext:
     def question(self) -> torch.Tensor:
         """[B, N] bool: instruction tokens (see TokenLayout)."""
         return self._role(self.layout.question)
-
-    @property
-    def has_video(self) -> torch.Tensor:
-        """[B] bool: samples whose prompt holds video tokens (at layer 0)."""
-        return self.layout.video.any(dim=1)
 
     @property
     def last_slot(self) -> torch.Tensor:

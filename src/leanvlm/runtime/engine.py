@@ -307,8 +307,7 @@ class AppliedMethod:
         mask = kwargs.get("attention_mask")
         layout = TokenLayout.from_ids(kwargs["input_ids"], mask if mask is not None and mask.dim() == 2 else None,
                                       self.adapter.visual_token_ids,
-                                      self.adapter.protected_placeholders(kwargs, items if reduced else None),
-                                      video_ids=self.adapter.video_token_ids)
+                                      self.adapter.protected_placeholders(kwargs, items if reduced else None))
         if phase is Phase.PREFILL:
             self.session = Session(input_ids, prompt_mask, visual_inputs, layout.visual.shape[1], shrunk)
         return ForwardState(phase, self.session, layout=layout, visual_in=visual_in, visual_items=items), kwargs
