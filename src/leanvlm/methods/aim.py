@@ -52,6 +52,8 @@ MergeMetric = Literal["features", "key"]
 IMAGE_PASS_FRACTION = 0.25
 #: Video frames keep the SPEC / published schedule (196 -> 98 -> 49) until a real video model measures it.
 VIDEO_PASS_FRACTION = 0.5
+#: Query rows per chunk of the text option's attention (a question is usually one chunk).
+TEXT_CHUNK_ROWS = 256
 
 
 @dataclass
@@ -122,8 +124,10 @@ class ProgressivePrune(LLMStage):
     importance: Importance = "auto"
     tau: float = 0.1
     iterations: int = 5
-    chunk_size: int = 256
-    max_matrix_bytes: int = 256 * 2**20
+    #: query rows per scoring chunk (peak memory O(chunk_size * N) per head); None: `ops.importance.chunk_rows`
+    #: for PageRank (the runtime's slots are causally ordered: M is built once, chunk by chunk), and
+    #: TEXT_CHUNK_ROWS question rows a chunk for the text option
+    chunk_size: int | None = None
     #: rank by the underflow-free importance (`ops.importance.ranking_importance`); False: the published
     #: code's float32 scores, whose underflowed zeros tie and keep the earliest tokens (for ablations)
     exact_ranking: bool = True
@@ -165,11 +169,11 @@ class ProgressivePrune(LLMStage):
         scores = None
         if bool((~pagerank_rows).any()):
             rows = pack_right(ctx.question)
-            scores = ctx.attention_from(rows.clamp(min=0), rows >= 0, chunk_size=self.chunk_size)
+            text_chunk = self.chunk_size or TEXT_CHUNK_ROWS
+            scores = ctx.attention_from(rows.clamp(min=0), rows >= 0, chunk_size=text_chunk)
         if bool(pagerank_rows.any()):
             queries, keys, scale = ctx.queries_keys(None)
-            options = dict(tau=self.tau, iterations=self.iterations, chunk_size=self.chunk_size,
-                           max_matrix_bytes=self.max_matrix_bytes)
+            options = dict(tau=self.tau, iterations=self.iterations, chunk_size=self.chunk_size)
             if self.exact_ranking:
                 ranked = ranking_importance(queries, keys, ctx.index, ctx.index, ctx.present, candidates, scale, **options)
             else:
