@@ -35,7 +35,7 @@ import torch
 from leanvlm import flops as flops_model
 from leanvlm.methods._frames import frame_signal
 from leanvlm.methods.base import LLMStage, Method, PreLLMStage, Selection, check_fraction, keep_count
-from leanvlm.ops.importance import pagerank_importance, ranking_importance
+from leanvlm.ops.importance import CHUNK_ROWS, pagerank_importance, ranking_importance
 from leanvlm.ops.merge import merge_schedule, merge_tokens
 from leanvlm.ops.schedule import default_prune_layers, progressive_keep
 from leanvlm.ops.select import pack_right
@@ -52,8 +52,6 @@ MergeMetric = Literal["features", "key"]
 IMAGE_PASS_FRACTION = 0.25
 #: Video frames keep the SPEC / published schedule (196 -> 98 -> 49) until a real video model measures it.
 VIDEO_PASS_FRACTION = 0.5
-#: Query rows per chunk of the text option's attention (a question is usually one chunk).
-TEXT_CHUNK_ROWS = 256
 
 
 @dataclass
@@ -124,10 +122,9 @@ class ProgressivePrune(LLMStage):
     importance: Importance = "auto"
     tau: float = 0.1
     iterations: int = 5
-    #: query rows per scoring chunk (peak memory O(chunk_size * N) per head); None: `ops.importance.chunk_rows`
-    #: for PageRank (the runtime's slots are causally ordered: M is built once, chunk by chunk), and
-    #: TEXT_CHUNK_ROWS question rows a chunk for the text option
-    chunk_size: int | None = None
+    #: query rows per scoring chunk: peak memory O(chunk_size * N) per head (PageRank builds M once, chunk by
+    #: chunk: the runtime's slots are causally ordered)
+    chunk_size: int = CHUNK_ROWS
     #: rank by the underflow-free importance (`ops.importance.ranking_importance`); False: the published
     #: code's float32 scores, whose underflowed zeros tie and keep the earliest tokens (for ablations)
     exact_ranking: bool = True
@@ -169,8 +166,7 @@ class ProgressivePrune(LLMStage):
         scores = None
         if bool((~pagerank_rows).any()):
             rows = pack_right(ctx.question)
-            text_chunk = self.chunk_size or TEXT_CHUNK_ROWS
-            scores = ctx.attention_from(rows.clamp(min=0), rows >= 0, chunk_size=text_chunk)
+            scores = ctx.attention_from(rows.clamp(min=0), rows >= 0, chunk_size=self.chunk_size)
         if bool(pagerank_rows.any()):
             queries, keys, scale = ctx.queries_keys(None)
             options = dict(tau=self.tau, iterations=self.iterations, chunk_size=self.chunk_size)

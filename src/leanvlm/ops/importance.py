@@ -45,23 +45,14 @@ from leanvlm.ops.attention import masked_logits
 ColumnsDone = Callable[[int, int, torch.Tensor], bool]
 
 
-#: The sweep's default chunk: enough query rows for about BLOCK_SCORES scores per [B, H, rows, N] block (a
-#: short sequence is one chunk), at least MIN_CHUNK_ROWS. Smaller blocks pay the per-chunk overhead more
-#: often, larger ones run slower through the softmax and the products (they leave the caches). Measured
-#: (float32, 1 thread, LLaVA-OneVision-0.5B's 14 query / 2 key heads, ms for one call): N = 549: 18 at 32 rows,
-#: 15 at 64 to 128 (the default: 136), 20 at 256; N = 1669: 77 at 32 and 79 at 44 (default), 85 at 64, 94 at
-#: 128, 110 at 256; N = 4000: 450 at 32 (default) and 44, 501 at 64, 574 at 128.
-BLOCK_SCORES = 2**20
-MIN_CHUNK_ROWS = 32
+#: Default query rows per chunk. Fewer rows pay the per-chunk overhead more often, more rows make blocks
+#: that run slower through the softmax and the products. Measured (ranking_importance, float32, 1 thread,
+#: LLaVA-OneVision-0.5B's 14 query / 2 key heads, ms a call) at 32 / 64 / 128 / 256 rows: N = 381: 7.6 / 6.1 /
+#: 6.2 / 6.7; N = 997: 29.1 / 25.4 / 29.5 / 37.3; N = 1669: 67.7 / 62.7 / 74.6 / 97.9.
+CHUNK_ROWS = 64
 
 
-def chunk_rows(batch: int, heads: int, num_tokens: int) -> int:
-    """Default query rows per chunk for B x H heads over N tokens (see BLOCK_SCORES)."""
-    return max(MIN_CHUNK_ROWS, BLOCK_SCORES // max(1, batch * heads * num_tokens))
-
-
-def _check_arguments(queries: torch.Tensor, keys: torch.Tensor, tau: float, iterations: int,
-                     chunk_size: int | None) -> None:
+def _check_arguments(queries: torch.Tensor, keys: torch.Tensor, tau: float, iterations: int, chunk_size: int) -> None:
     batch, num_heads, num_tokens, _ = queries.shape
     if keys.shape[0] != batch or keys.shape[2] != num_tokens or num_heads % keys.shape[1]:
         raise ValueError(
@@ -72,7 +63,7 @@ def _check_arguments(queries: torch.Tensor, keys: torch.Tensor, tau: float, iter
         raise ValueError(f"tau must be > 0, got {tau}")
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
-    if chunk_size is not None and chunk_size < 1:
+    if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
@@ -113,7 +104,7 @@ class _Linear:
 
     @staticmethod
     def block(logits: torch.Tensor, has_key: torch.Tensor) -> torch.Tensor:
-        """logits [B, H, c, w] (-inf = masked) -> M's rows [B, H, c, w] (a row with no allowed key: 0).
+        """logits [B * H, c, w] (-inf = masked) -> M's rows [B * H, c, w] (a row with no allowed key: 0).
 
         torch.softmax, not an in-place exp_ on the logits: on real activations (tau = 0.1: about half of
         the entries underflow) its exponential is ~4x faster than exp_'s (measured: 0.66 vs 2.6 ms on a
@@ -126,10 +117,8 @@ class _Linear:
 
     @staticmethod
     def push(rows: torch.Tensor, probs: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """rows [B, H, T, c] of p (T states) @ M[:, lo:hi] -> [B, H, T, hi - lo]."""
-        batch, heads, steps, _ = rows.shape
-        # 3-D bmm over (batch x heads), as in ops.attention
-        return torch.bmm(rows.flatten(0, 1), probs[..., lo:hi].flatten(0, 1)).view(batch, heads, steps, hi - lo)
+        """rows [B * H, T, c] of p (T states) @ M[:, lo:hi] -> [B * H, T, hi - lo]."""
+        return torch.bmm(rows, probs[:, :, lo:hi])
 
     @staticmethod
     def accumulate(target: torch.Tensor, contribution: torch.Tensor) -> None:
@@ -150,7 +139,7 @@ class _Log:
 
     @staticmethod
     def block(logits: torch.Tensor, has_key: torch.Tensor) -> torch.Tensor:
-        """logits [B, H, c, w] (-inf = masked) -> log M [B, H, c, w] (-inf where masked; a row with no
+        """logits [B * H, c, w] (-inf = masked) -> log M [B * H, c, w] (-inf where masked; a row with no
         allowed key: all -inf)."""
         log_m = torch.log_softmax(logits, dim=-1)
         if not bool(has_key.all()):
@@ -159,11 +148,11 @@ class _Log:
 
     @staticmethod
     def push(rows: torch.Tensor, log_m: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """rows [B, H, T, c] of log p -> log(p @ M[:, lo:hi]) [B, H, T, hi - lo]; one state at a time, so the
-        [c, hi - lo] terms are the only temporary."""
-        columns = log_m[..., lo:hi]
-        steps = range(rows.shape[2])
-        return torch.stack([torch.logsumexp(rows[:, :, t, :, None] + columns, dim=2) for t in steps], dim=2)
+        """rows [B * H, T, c] of log p -> log(p @ M[:, lo:hi]) [B * H, T, hi - lo]; one state at a time, so
+        the [c, hi - lo] terms are the only temporary."""
+        columns = log_m[:, :, lo:hi]
+        steps = range(rows.shape[1])
+        return torch.stack([torch.logsumexp(rows[:, t, :, None] + columns, dim=1) for t in steps], dim=1)
 
     @staticmethod
     def accumulate(target: torch.Tensor, contribution: torch.Tensor) -> None:
@@ -183,7 +172,7 @@ def _propagate(
     scale: float,
     tau: float = 0.1,
     iterations: int = 5,
-    chunk_size: int | None = None,
+    chunk_size: int = CHUNK_ROWS,
     max_matrix_bytes: int = 256 * 2**20,
     dtype: torch.dtype = torch.float32,
     columns_done: ColumnsDone | None = None,
@@ -195,27 +184,35 @@ def _propagate(
     """
     _check_arguments(queries, keys, tau, iterations, chunk_size)
     batch, num_heads, num_tokens, _ = queries.shape
-    chunk_size = chunk_size or chunk_rows(batch, num_heads, num_tokens)
     keys = keys.to(dtype)
-    # states[:, :, t] = p_t; p_0 given, the others accumulate
-    states = torch.full((batch, num_heads, iterations + 1, num_tokens), propagation.zero, dtype=dtype,
+    # states[b * H + h, t] = p_t of head h: (batch x heads) flattened once, as every product is a 3-D bmm
+    states = torch.full((batch * num_heads, iterations + 1, num_tokens), propagation.zero, dtype=dtype,
                         device=queries.device)
-    states[:, :, 0] = propagation.start(key_valid, dtype)[:, None, :]
+    states.view(batch, num_heads, -1, num_tokens)[:, :, 0] = propagation.start(key_valid, dtype)[:, None, :]
 
     def chunk_logits(start: int, stop: int, width: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked logits of query rows [start, stop) against the first `width` keys (see masked_logits)."""
+        """Masked logits [B * H, c, width] of query rows [start, stop) against the first `width` keys, and
+        which rows have an allowed key [B, c] (see masked_logits)."""
         q = queries[:, :, start:stop].to(dtype) * (scale / tau)  # scaling [c, d] is cheaper than scaling [c, w]
-        return masked_logits(q, keys[:, :, :width], query_pos[:, start:stop], key_pos[:, :width],
-                             key_valid[:, :width], out)
+        logits, has_key = masked_logits(q, keys[:, :, :width], query_pos[:, start:stop], key_pos[:, :width],
+                                        key_valid[:, :width], out)
+        return logits.flatten(0, 1), has_key
+
+    def heads(values: torch.Tensor) -> torch.Tensor:
+        """[B * H, ...] -> [B, H, ...]"""
+        return values.view(batch, num_heads, *values.shape[1:])
 
     if iterations and causally_ordered(query_pos, key_pos, key_valid):
         record_grad = torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad)
-        return _causal_sweep(propagation, states, chunk_logits, chunk_size, columns_done, record_grad)
+        final = _causal_sweep(propagation, states, chunk_logits, chunk_size,
+                              None if columns_done is None else lambda lo, hi, p: columns_done(lo, hi, heads(p)),
+                              record_grad)
+        return None if final is None else heads(final)
     if iterations:
         matrix_bytes = batch * num_heads * num_tokens * num_tokens * torch.finfo(dtype).bits // 8
         _iterate_in_order(propagation, states, chunk_logits, query_pos, key_pos, key_valid, chunk_size,
                           store=matrix_bytes <= max_matrix_bytes)
-    final = states[:, :, -1]
+    final = heads(states[:, -1])
     return None if columns_done is not None and columns_done(0, num_tokens, final) else final
 
 
@@ -224,36 +221,36 @@ def _causal_sweep(
     states: torch.Tensor,
     chunk_logits: Callable[[int, int, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
     chunk_size: int,
-    columns_done: ColumnsDone | None,
+    columns_done: Callable[[int, int, torch.Tensor], bool] | None,
     record_grad: bool,
 ) -> torch.Tensor | None:
     """All iterations at once over a lower-triangular M (see the module docstring), chunks last to first.
 
-    states [B, H, T + 1, N]: p_0 set, the rest zero (log: -inf); filled in place. Chunk [start, stop) only
+    states [B * H, T + 1, N]: p_0 set, the rest zero (log: -inf); filled in place. Chunk [start, stop) only
     attends keys < stop (causal order), so its block is [c, stop]: columns [start, stop) its diagonal block,
     [0, start) the part left of it. When the chunk is reached, every row after it has pushed all of its
     states, so p_t of the chunk's rows is complete up to the chunk's own contribution of step t - 1.
+    columns_done gets the final states [B * H, stop - start] of each finished chunk. -> p_T [B * H, N].
     """
-    batch, num_heads, steps, num_tokens = states.shape
+    rows, steps, num_tokens = states.shape
     iterations = steps - 1
     # one logits buffer for every chunk: at most chunk_size rows by at most N columns (autograd cannot
     # record a product written into a buffer: then every chunk allocates its own)
-    buffer = None if record_grad else torch.empty(
-        batch * num_heads * min(chunk_size, num_tokens) * num_tokens, dtype=states.dtype, device=states.device)
+    buffer = None if record_grad else torch.empty(rows * min(chunk_size, num_tokens) * num_tokens, dtype=states.dtype,
+                                                  device=states.device)
     last_start = (num_tokens - 1) // chunk_size * chunk_size
     for start in range(last_start, -1, -chunk_size):
         stop = min(start + chunk_size, num_tokens)
         block = propagation.block(*chunk_logits(start, stop, stop, buffer))
         for t in range(iterations):  # diagonal block: step t's result is read by step t + 1
-            propagation.accumulate(states[:, :, t + 1 : t + 2, start:stop],
-                                   propagation.push(states[:, :, t : t + 1, start:stop], block, start, stop))
+            propagation.accumulate(states[:, t + 1 : t + 2, start:stop],
+                                   propagation.push(states[:, t : t + 1, start:stop], block, start, stop))
         if start:  # left of the diagonal: every state of these rows in one product
-            propagation.accumulate(states[:, :, 1:, :start],
-                                   propagation.push(states[:, :, :-1, start:stop], block, 0, start))
+            propagation.accumulate(states[:, 1:, :start], propagation.push(states[:, :-1, start:stop], block, 0, start))
         del block  # before the next chunk's block exists: peak memory two blocks (logits buffer + block), not three
-        if columns_done is not None and columns_done(start, stop, states[:, :, -1, start:stop]):
+        if columns_done is not None and columns_done(start, stop, states[:, -1, start:stop]):
             return None
-    return states[:, :, -1]
+    return states[:, -1]
 
 
 def _iterate_in_order(
@@ -280,10 +277,10 @@ def _iterate_in_order(
             yield start, stop, width, propagation.block(*chunk_logits(start, stop, width, None))
 
     stored = list(blocks()) if store else None
-    for t in range(states.shape[2] - 1):
+    for t in range(states.shape[1] - 1):
         for start, stop, width, block in stored if store else blocks():
-            propagation.accumulate(states[:, :, t + 1 : t + 2, :width],
-                                   propagation.push(states[:, :, t : t + 1, start:stop], block, 0, width))
+            propagation.accumulate(states[:, t + 1 : t + 2, :width],
+                                   propagation.push(states[:, t : t + 1, start:stop], block, 0, width))
 
 
 def _root_mean_square_over_heads(p: torch.Tensor) -> torch.Tensor:
@@ -305,7 +302,7 @@ def pagerank_importance(
     scale: float,
     tau: float = 0.1,
     iterations: int = 5,
-    chunk_size: int | None = None,
+    chunk_size: int = CHUNK_ROWS,
     max_matrix_bytes: int = 256 * 2**20,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -322,7 +319,7 @@ def pagerank_importance(
     attends to), so callers must select candidates by mask, not by value.
 
     Memory: causally ordered tokens (see the module docstring) build M once in query chunks of
-    `chunk_size` rows (None: `chunk_rows`), peak extra memory O(B * H * chunk_size * N) (two blocks).
+    `chunk_size` rows, peak extra memory O(B * H * chunk_size * N) (two blocks).
     Otherwise M (B * H * N * N * itemsize bytes) is stored when it fits `max_matrix_bytes`, else rebuilt
     chunk by chunk for every iteration.
     """
@@ -346,7 +343,7 @@ def pagerank_log_importance(
     scale: float,
     tau: float = 0.1,
     iterations: int = 5,
-    chunk_size: int | None = None,
+    chunk_size: int = CHUNK_ROWS,
     max_matrix_bytes: int = 256 * 2**20,
 ) -> torch.Tensor:
     """log of `pagerank_importance`'s score, computed without underflow -> float32 [B, N] (-inf: invalid).
