@@ -66,7 +66,7 @@ def gather_slots(values: torch.Tensor, index: torch.Tensor, fill: float | bool |
 
     values [B, N, *rest] -> [B, M, *rest]. A batch dimension of 1 in `values` is broadcast.
     """
-    out = gather_rows(values, index.clamp(min=0))
-    if fill is None:
-        return out
-    return out.masked_fill((index == FILLER).view(*index.shape, *(1,) * (values.dim() - 2)), fill)
+    out = gather_rows(values, index.clamp(min=0))  # a new tensor
+    if fill is not None:
+        out[index == FILLER] = fill  # writes the filler rows only, not a pass over all of out
+    return out
