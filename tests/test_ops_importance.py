@@ -63,12 +63,16 @@ def chunk_builds(monkeypatch):
     """Count the chunks of the attention matrix that are (re)computed."""
     calls = []
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].dtype)  # the dtype the chunk is computed in
-        return original(*args, **kwargs)
+    def counting(original):
+        def count(*args, **kwargs):
+            calls.append(args[0].dtype)  # the dtype the chunk is computed in
+            return original(*args, **kwargs)
 
-    original = importance.masked_logits
-    monkeypatch.setattr(importance, "masked_logits", counting)
+        return count
+
+    # the causal sweep builds a chunk with grouped_logits, the in-order path with masked_logits
+    for name in ("grouped_logits", "masked_logits"):
+        monkeypatch.setattr(importance, name, counting(getattr(importance, name)))
     return calls
 
 
@@ -88,6 +92,21 @@ def test_matches_dense_reference(chunk_size, shuffled, max_matrix_bytes, builds_
     assert len(chunk_builds) == math.ceil(TOKENS / chunk_size) * builds_per_chunk
     expected = dense_pagerank(queries, keys, pos, pos, valid, SCALE)
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_runtime_slots_with_fillers_and_holes_match_the_dense_reference(chunk_size):
+    """The runtime's layout after a drop: filler slots (position -1, invalid) on the left of the shorter row,
+    real tokens at their original positions with holes where tokens were dropped."""
+    gen = torch.Generator().manual_seed(7)
+    queries, keys = torch.randn(2, 4, 9, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen)
+    pos = torch.tensor([[0, 1, 4, 5, 6, 9, 10, 14, 15], [-1, -1, -1, 0, 2, 3, 7, 8, 12]])
+    valid = pos >= 0
+    assert importance.causally_ordered(pos, pos, valid)
+    got = pagerank_importance(queries, keys, pos, pos, valid, SCALE, chunk_size=chunk_size)
+    expected = dense_pagerank(queries, keys, pos, pos, valid, SCALE)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-7)
+    assert torch.equal(got[1, :3], torch.zeros(3))
 
 
 def test_materialises_exactly_when_the_matrix_fits(chunk_builds):

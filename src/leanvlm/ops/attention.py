@@ -14,21 +14,19 @@ from collections.abc import Iterator
 import torch
 
 
-def masked_logits(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    query_pos: torch.Tensor,
-    key_pos: torch.Tensor,
-    key_valid: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """queries @ keys^T with -inf where a query may not attend a key -> (logits [B, H, c, w], has_key [B, c]).
+def reachable_key_positions(key_pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """key_pos [B, N] with invalid keys moved out of every query's reach (the dtype's largest value), so that
+    query i may attend key j <=> reachable[j] <= query_pos[i]."""
+    never = float("inf") if key_pos.is_floating_point() else torch.iinfo(key_pos.dtype).max
+    return torch.where(key_valid, key_pos, never)
 
-    queries [B, H, c, d] (already scaled, in the compute dtype), keys [B, Hkv, w, d] (same dtype; each
-    group of H / Hkv query heads shares a key head), query_pos [B, c], key_pos and key_valid [B, w].
-    has_key marks the rows with at least one allowed key (the others are all -inf). out: a buffer of at
-    least B * H * c * w elements of that dtype to write the logits into, so that a loop over chunks
-    allocates (and page-faults) once, not once per chunk.
+
+def grouped_logits(queries: torch.Tensor, keys: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """queries @ keys^T -> [B, H, c, w], unmasked.
+
+    queries [B, H, c, d] (already scaled), keys [B, Hkv, w, d] in the same dtype; each group of H / Hkv query
+    heads shares a key head. out: a buffer of at least B * H * c * w elements of that dtype to write into, so
+    that a loop over chunks allocates (and page-faults) once, not once per chunk.
     """
     batch, heads, rows, dim = queries.shape
     kv_heads, width = keys.shape[1], keys.shape[2]
@@ -37,21 +35,40 @@ def masked_logits(
     # One 3-D bmm per key head over the rows of all its query heads ([g * c, d] x [d, w]): no expanded copy
     # of the keys, and larger products. Query head h = kv * g + i, so [B * Hkv, g * c, w] is [B, H, c, w].
     grouped = queries.reshape(batch * kv_heads, heads // kv_heads * rows, dim)
-    logits = torch.bmm(grouped, keys.flatten(0, 1).transpose(1, 2), out=out).view(batch, heads, rows, width)
-    never = float("inf") if key_pos.is_floating_point() else torch.iinfo(key_pos.dtype).max
-    real_key_pos = torch.where(key_valid, key_pos, never)  # [B, w]: invalid keys out of every query's reach
-    # Column j is masked for some row iff its position exceeds the chunk's lowest query position: fill only
+    return torch.bmm(grouped, keys.flatten(0, 1).transpose(1, 2), out=out).view(batch, heads, rows, width)
+
+
+def mask_logits_(logits: torch.Tensor, query_pos: torch.Tensor, reachable: torch.Tensor, first: int) -> None:
+    """Set logits [B, H, c, w] to -inf where a query (positions [B, c]) may not attend a key (`reachable`
+    [B, w]), from column `first` on: the caller knows every row may attend the columns before it."""
+    blocked = reachable[:, None, first:] > query_pos[:, :, None]  # [B, c, w - first]
+    # adding a 0 / -inf bias broadcast over the heads is bit-identical for finite logits and ~15x faster on
+    # CPU than masked_fill_ with the broadcast bool mask
+    bias = torch.zeros(blocked.shape, dtype=logits.dtype, device=logits.device).masked_fill_(blocked, float("-inf"))
+    logits[..., first:].add_(bias[:, None])
+
+
+def masked_logits(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    key_valid: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`grouped_logits` with -inf where a query may not attend a key -> (logits [B, H, c, w], has_key [B, c]).
+
+    query_pos [B, c], key_pos and key_valid [B, w]. has_key marks the rows with at least one allowed key (the
+    others are all -inf).
+    """
+    logits = grouped_logits(queries, keys, out)
+    reachable = reachable_key_positions(key_pos, key_valid)
+    # Column j is masked for some row iff its position exceeds the chunk's lowest query position: mask only
     # from the first such column (for causally ordered tokens without padding: the chunk's diagonal block).
-    partly_masked = (real_key_pos > query_pos.min(dim=1, keepdim=True).values).any(dim=0).nonzero()
+    partly_masked = (reachable > query_pos.min(dim=1, keepdim=True).values).any(dim=0).nonzero()
     if len(partly_masked):
-        first = int(partly_masked[0])
-        blocked = real_key_pos[:, None, first:] > query_pos[:, :, None]  # [B, c, w - first]
-        # adding a 0 / -inf bias broadcast over the heads is bit-identical for finite logits and ~15x faster
-        # on CPU than masked_fill_ with the broadcast bool mask
-        bias = torch.zeros(blocked.shape, dtype=logits.dtype, device=logits.device).masked_fill_(blocked, float("-inf"))
-        logits[..., first:].add_(bias[:, None])
-    has_key = query_pos >= real_key_pos.min(dim=1, keepdim=True).values
-    return logits, has_key
+        mask_logits_(logits, query_pos, reachable, int(partly_masked[0]))
+    return logits, query_pos >= reachable.min(dim=1, keepdim=True).values
 
 
 def attention_probability_chunks(

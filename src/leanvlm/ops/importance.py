@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from leanvlm.ops.attention import masked_logits
+from leanvlm.ops.attention import grouped_logits, mask_logits_, masked_logits, reachable_key_positions
 
 #: Called by the sweep after chunk [start, stop) with (start, stop, final p or log p of those columns
 #: [B, H, stop - start]); True stops the sweep (the caller has seen enough).
@@ -67,32 +67,20 @@ def _check_arguments(queries: torch.Tensor, keys: torch.Tensor, tau: float, iter
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def _never(key_pos: torch.Tensor) -> int | float:
-    """A position no query reaches (largest value of key_pos's dtype)."""
-    return float("inf") if key_pos.is_floating_point() else torch.iinfo(key_pos.dtype).max
-
-
-def _real_key_positions(key_pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """key_pos [B, N] with invalid keys moved out of every query's reach."""
-    return torch.where(key_valid, key_pos, _never(key_pos))
-
-
 def causally_ordered(query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor) -> bool:
     """Whether no real token may attend a real token in a later slot -> M is lower triangular.
 
     query_pos, key_pos [B, N] of the same N tokens, key_valid [B, N] bool. Rows of invalid slots may attend
     anything: their PageRank mass is 0, so they never contribute. O(N): a suffix minimum of key_pos.
     """
-    real_pos = _real_key_positions(key_pos, key_valid)
-    never = real_pos.new_full((real_pos.shape[0], 1), _never(key_pos))
-    first_later = real_pos.flip(1).cummin(dim=1).values.flip(1)  # [B, N]: min key_pos over slots >= i
-    later = torch.cat([first_later[:, 1:], never], dim=1)  # [B, N]: min key_pos over slots > i
-    return not bool((key_valid & (later <= query_pos)).any())
+    reachable = reachable_key_positions(key_pos, key_valid)
+    from_slot = reachable.flip(1).cummin(dim=1).values.flip(1)  # [B, N]: min reachable position over slots >= i
+    return not bool((key_valid[:, :-1] & (from_slot[:, 1:] <= query_pos[:, :-1])).any())
 
 
 class _Linear:
     """Propagation of p itself: a chunk's block is its rows of M, and pushing rows of p through it is a
-    product."""
+    product added in place."""
 
     zero = 0.0
 
@@ -116,13 +104,10 @@ class _Linear:
         return probs
 
     @staticmethod
-    def push(rows: torch.Tensor, probs: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """rows [B * H, T, c] of p (T states) @ M[:, lo:hi] -> [B * H, T, hi - lo]."""
-        return torch.bmm(rows, probs[:, :, lo:hi])
-
-    @staticmethod
-    def accumulate(target: torch.Tensor, contribution: torch.Tensor) -> None:
-        target.add_(contribution)
+    def add_pushed(target: torch.Tensor, rows: torch.Tensor, probs: torch.Tensor, lo: int, hi: int) -> None:
+        """target [B * H, T, hi - lo] += rows [B * H, T, c] of p (T states) @ M[:, lo:hi], in place (one
+        baddbmm_, no temporary)."""
+        target.baddbmm_(rows, probs[:, :, lo:hi])
 
 
 class _Log:
@@ -155,8 +140,9 @@ class _Log:
         return torch.stack([torch.logsumexp(rows[:, t, :, None] + columns, dim=1) for t in steps], dim=1)
 
     @staticmethod
-    def accumulate(target: torch.Tensor, contribution: torch.Tensor) -> None:
-        target.copy_(torch.logaddexp(target, contribution))
+    def add_pushed(target: torch.Tensor, rows: torch.Tensor, log_m: torch.Tensor, lo: int, hi: int) -> None:
+        """log-domain target [B * H, T, hi - lo] <- logaddexp(target, log(p @ M[:, lo:hi])), in place."""
+        target.copy_(torch.logaddexp(target, _Log.push(rows, log_m, lo, hi)))
 
 
 Propagation = type[_Linear] | type[_Log]
@@ -190,47 +176,62 @@ def _propagate(
                         device=queries.device)
     states.view(batch, num_heads, -1, num_tokens)[:, :, 0] = propagation.start(key_valid, dtype)[:, None, :]
 
-    def chunk_logits(start: int, stop: int, width: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked logits [B * H, c, width] of query rows [start, stop) against the first `width` keys, and
-        which rows have an allowed key [B, c] (see masked_logits)."""
-        q = queries[:, :, start:stop].to(dtype) * (scale / tau)  # scaling [c, d] is cheaper than scaling [c, w]
-        logits, has_key = masked_logits(q, keys[:, :, :width], query_pos[:, start:stop], key_pos[:, :width],
-                                        key_valid[:, :width], out)
-        return logits.flatten(0, 1), has_key
-
     def heads(values: torch.Tensor) -> torch.Tensor:
         """[B * H, ...] -> [B, H, ...]"""
         return values.view(batch, num_heads, *values.shape[1:])
 
     if iterations and causally_ordered(query_pos, key_pos, key_valid):
         record_grad = torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad)
-        final = _causal_sweep(propagation, states, chunk_logits, chunk_size,
-                              None if columns_done is None else lambda lo, hi, p: columns_done(lo, hi, heads(p)),
-                              record_grad)
+        done = None if columns_done is None else lambda lo, hi, p: columns_done(lo, hi, heads(p))
+        final = _causal_sweep(propagation, states, queries, keys, scale / tau, query_pos,
+                              reachable_key_positions(key_pos, key_valid), chunk_size, done, record_grad)
         return None if final is None else heads(final)
     if iterations:
         matrix_bytes = batch * num_heads * num_tokens * num_tokens * torch.finfo(dtype).bits // 8
-        _iterate_in_order(propagation, states, chunk_logits, query_pos, key_pos, key_valid, chunk_size,
+        _iterate_in_order(propagation, states, queries, keys, scale / tau, query_pos, key_pos, key_valid, chunk_size,
                           store=matrix_bytes <= max_matrix_bytes)
     final = heads(states[:, -1])
     return None if columns_done is not None and columns_done(0, num_tokens, final) else final
 
 
+def _first_masked_columns(query_pos: torch.Tensor, reachable: torch.Tensor, chunk_size: int) -> list[int]:
+    """For every query chunk, the first key column some row of it may not attend (N: none), all chunks at once.
+
+    query_pos [B, N], reachable [B, N] (`reachable_key_positions`). Column j is masked for some row of a chunk
+    iff reachable[j] exceeds the chunk's lowest query position.
+    """
+    batch, num_tokens = query_pos.shape
+    chunks = -(-num_tokens // chunk_size)
+    padded = torch.full((batch, chunks * chunk_size), torch.iinfo(torch.long).max, dtype=torch.long,
+                        device=query_pos.device)
+    padded[:, :num_tokens] = query_pos
+    lowest = padded.view(batch, chunks, chunk_size).amin(dim=2)  # [B, chunks]
+    partly_masked = (reachable[:, None, :] > lowest[:, :, None]).any(dim=0)  # [chunks, N]
+    first = torch.where(partly_masked.any(dim=1), partly_masked.int().argmax(dim=1), num_tokens)
+    return first.tolist()
+
+
 def _causal_sweep(
     propagation: Propagation,
     states: torch.Tensor,
-    chunk_logits: Callable[[int, int, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    logit_scale: float,
+    query_pos: torch.Tensor,
+    reachable: torch.Tensor,
     chunk_size: int,
     columns_done: Callable[[int, int, torch.Tensor], bool] | None,
     record_grad: bool,
 ) -> torch.Tensor | None:
     """All iterations at once over a lower-triangular M (see the module docstring), chunks last to first.
 
-    states [B * H, T + 1, N]: p_0 set, the rest zero (log: -inf); filled in place. Chunk [start, stop) only
-    attends keys < stop (causal order), so its block is [c, stop]: columns [start, stop) its diagonal block,
-    [0, start) the part left of it. When the chunk is reached, every row after it has pushed all of its
-    states, so p_t of the chunk's rows is complete up to the chunk's own contribution of step t - 1.
-    columns_done gets the final states [B * H, stop - start] of each finished chunk. -> p_T [B * H, N].
+    states [B * H, T + 1, N]: p_0 set, the rest zero (log: -inf); filled in place. queries [B, H, N, d], keys
+    [B, Hkv, N, d] in the states' dtype, logits = queries keys^T * logit_scale; query_pos [B, N], reachable
+    [B, N] (`reachable_key_positions`). Chunk
+    [start, stop) only attends keys < stop (causal order), so its block is [c, stop]: columns [start, stop)
+    its diagonal block, [0, start) the part left of it. When the chunk is reached, every row after it has
+    pushed all of its states, so p_t of the chunk's rows is complete up to the chunk's own contribution of step
+    t - 1. columns_done gets the final states [B * H, stop - start] of each finished chunk. -> p_T [B * H, N].
     """
     rows, steps, num_tokens = states.shape
     iterations = steps - 1
@@ -238,15 +239,24 @@ def _causal_sweep(
     # record a product written into a buffer: then every chunk allocates its own)
     buffer = None if record_grad else torch.empty(rows * min(chunk_size, num_tokens) * num_tokens, dtype=states.dtype,
                                                   device=states.device)
+    # the per-chunk mask bookkeeping, computed once: where masking starts, and the lowest key position in
+    # reach of each prefix of the keys (a row with a smaller position has no key: it stays all zero)
+    first_masked = _first_masked_columns(query_pos, reachable, chunk_size)
+    lowest_reachable = reachable.cummin(dim=1).values  # [B, N]
     last_start = (num_tokens - 1) // chunk_size * chunk_size
     for start in range(last_start, -1, -chunk_size):
         stop = min(start + chunk_size, num_tokens)
-        block = propagation.block(*chunk_logits(start, stop, stop, buffer))
+        scaled = queries[:, :, start:stop].to(states.dtype) * logit_scale  # cheaper than scaling [c, stop]
+        logits = grouped_logits(scaled, keys[:, :, :stop], buffer)  # [B, H, c, stop]
+        if first_masked[start // chunk_size] < stop:
+            mask_logits_(logits, query_pos[:, start:stop], reachable[:, :stop], first_masked[start // chunk_size])
+        has_key = query_pos[:, start:stop] >= lowest_reachable[:, stop - 1 : stop]  # [B, c]
+        block = propagation.block(logits.flatten(0, 1), has_key)
         for t in range(iterations):  # diagonal block: step t's result is read by step t + 1
-            propagation.accumulate(states[:, t + 1 : t + 2, start:stop],
-                                   propagation.push(states[:, t : t + 1, start:stop], block, start, stop))
+            propagation.add_pushed(states[:, t + 1 : t + 2, start:stop], states[:, t : t + 1, start:stop], block,
+                                   start, stop)
         if start:  # left of the diagonal: every state of these rows in one product
-            propagation.accumulate(states[:, 1:, :start], propagation.push(states[:, :-1, start:stop], block, 0, start))
+            propagation.add_pushed(states[:, 1:, :start], states[:, :-1, start:stop], block, 0, start)
         del block  # before the next chunk's block exists: peak memory two blocks (logits buffer + block), not three
         if columns_done is not None and columns_done(start, stop, states[:, -1, start:stop]):
             return None
@@ -256,7 +266,9 @@ def _causal_sweep(
 def _iterate_in_order(
     propagation: Propagation,
     states: torch.Tensor,
-    chunk_logits: Callable[[int, int, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    logit_scale: float,
     query_pos: torch.Tensor,
     key_pos: torch.Tensor,
     key_valid: torch.Tensor,
@@ -265,22 +277,24 @@ def _iterate_in_order(
 ) -> None:
     """Any M: iteration after iteration, chunks in order; blocks built once and kept when `store`, else
     rebuilt every iteration (peak O(B * H * chunk * N)). Each chunk's block is only as wide as its last
-    attendable key. states as in `_causal_sweep`, filled in place."""
+    attendable key. Arguments as in `_causal_sweep`; states filled in place."""
     num_tokens = states.shape[-1]
-    real_pos = _real_key_positions(key_pos, key_valid)
+    reachable = reachable_key_positions(key_pos, key_valid)
 
     def blocks():
         for start in range(0, num_tokens, chunk_size):
             stop = min(start + chunk_size, num_tokens)
-            attendable = (real_pos[:, None, :] <= query_pos[:, start:stop, None]).any(dim=1).any(dim=0).nonzero()
+            attendable = (reachable[:, None, :] <= query_pos[:, start:stop, None]).any(dim=1).any(dim=0).nonzero()
             width = int(attendable.max()) + 1 if len(attendable) else 1
-            yield start, stop, width, propagation.block(*chunk_logits(start, stop, width, None))
+            scaled = queries[:, :, start:stop].to(states.dtype) * logit_scale
+            logits, has_key = masked_logits(scaled, keys[:, :, :width], query_pos[:, start:stop], key_pos[:, :width],
+                                            key_valid[:, :width])
+            yield start, stop, width, propagation.block(logits.flatten(0, 1), has_key)
 
     stored = list(blocks()) if store else None
     for t in range(states.shape[1] - 1):
         for start, stop, width, block in stored if store else blocks():
-            propagation.accumulate(states[:, t + 1 : t + 2, :width],
-                                   propagation.push(states[:, t : t + 1, start:stop], block, 0, width))
+            propagation.add_pushed(states[:, t + 1 : t + 2, :width], states[:, t : t + 1, start:stop], block, 0, width)
 
 
 def _root_mean_square_over_heads(p: torch.Tensor) -> torch.Tensor:
