@@ -5,7 +5,7 @@ Shapes are those of `bench_speed.py`'s AIM default at 32 frames on the LLaVA-One
 `AIM.tokens_per_layer`, for every layer in [l1, l2) (the last one, where keep(l) = 0, drops every visual
 token without ranking at run time, so its row is an upper bound that AIM does not pay). Inputs are random
 (the cost does not depend on values). Per layer: median seconds
-of `pagerank_importance` (float32, materialised lower-triangular M, 5 propagation steps) and of the text
+of `pagerank_importance` (float32, M built once chunk by chunk, 5 propagation steps) and of the text
 option (`received_attention` from the question's rows), and the seconds of one plain decoder layer's
 forward at that length for scale.
 

@@ -55,6 +55,18 @@ def test_pagerank_importance_equals_dense_reference_from_eager_attention(text, c
     torch.testing.assert_close(got.double(), dense_pagerank(probs), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_bit_identical_to_the_rotate_half_formula(dtype):
+    """models.base.apply_rope (one temporary, in the projections' layout) = x * cos + rotate_half(x) * sin."""
+    from leanvlm.models.base import apply_rope
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, 8, generator=gen).to(dtype)  # [B, N, heads, d]
+    cos, sin = (torch.randn(2, 7, 1, 8, generator=gen).to(dtype) for _ in range(2))
+    rotated = torch.cat((-x[..., 4:], x[..., :4]), dim=-1)
+    assert torch.equal(apply_rope(x, cos, sin), x * cos + rotated * sin)
+
+
 def test_text_importance_equals_question_rows_of_eager_attention():
     model = tiny_llava("llama", "eager")
     ids = prompt_ids(2, 7, seed=4)

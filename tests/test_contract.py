@@ -233,6 +233,27 @@ def test_llm_layout_is_model_dot_language_model(llava):
 
 
 # --- family contracts --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("side", [6, 7])
+def test_onevision_video_signals_pool_like_apply_pooling(side):
+    """models/onevision.py `_pool_video_signal`: pools per-patch vision signals exactly as the model's
+    `apply_pooling` pools the video features (bilinear to ceil(side / 2) a side), bit for bit, for even and
+    odd grids (LLaVA-OneVision's 27 x 27 -> 14 x 14), narrow (CLS attention) and wide (keys) signals."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=4 * side, patch_size=4, vision_use_head=False)
+    text = Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=128)
+    model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(vision_config=vision, text_config=text,
+                                                                         image_token_index=120, video_token_index=121))
+    adapter = get_adapter(model)
+    gen = torch.Generator().manual_seed(side)
+    for width in (1, 37):
+        values = torch.randn(3, side * side, width, generator=gen)
+        expected = model.model.apply_pooling(values)
+        assert torch.equal(adapter._pool_video_signal(values), expected), "apply_pooling changed: pool signals like it"
+
+
 def test_qwen_position_helper_takes_the_prompt_without_a_cache():
     """models/qwen2_vl.py: `compute_3d_position_ids` builds the prompt's M-RoPE ids [3, B, L] from input_ids,
     attention_mask and grids; its cache parameter (whatever its name) is left at its default."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leanvlm.ops.attention import received_attention
-from leanvlm.ops.select import FILLER, gather_slots, pack_right, top_k_mask
+from leanvlm.ops.select import FILLER, gather_rows, gather_slots, pack_right, top_k_mask
 
 masks = st.integers(1, 4).flatmap(
     lambda b: st.integers(0, 12).flatmap(
@@ -56,6 +57,19 @@ def test_gather_slots_fills_fillers_and_copies_the_rest(rows, width):
     for b in range(keep.shape[0]):
         for j, i in enumerate(index[b].tolist()):
             assert torch.equal(out[b, j], torch.full((width,), -7.0) if i == FILLER else values[b, i])
+
+
+@pytest.mark.parametrize("rest", [(), (5,), (3, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.long])
+def test_gather_rows_equals_torch_gather_and_broadcasts_a_batch_of_one(rest, dtype):
+    gen = torch.Generator().manual_seed(0)
+    values = (torch.randn(3, 7, *rest, generator=gen) * 5).to(dtype)
+    index = torch.randint(0, 7, (3, 4), generator=gen)
+    expanded = index.view(3, 4, *(1,) * len(rest)).expand(3, 4, *rest)
+    assert torch.equal(gather_rows(values, index), torch.gather(values, 1, expanded))
+    assert torch.equal(gather_rows(values[:1], index), torch.gather(values[:1].expand_as(values), 1, expanded))
+    transposed = values.transpose(0, 1).contiguous().transpose(0, 1)  # not contiguous
+    assert torch.equal(gather_rows(transposed, index), torch.gather(values, 1, expanded))
 
 
 @settings(deadline=None, max_examples=40)

@@ -36,7 +36,7 @@ import torch
 from leanvlm import flops as flops_model
 from leanvlm.methods._frames import frame_signal
 from leanvlm.methods.base import LLMStage, Method, PreLLMStage, Selection, check_fraction, keep_count
-from leanvlm.ops.importance import pagerank_importance, ranking_importance
+from leanvlm.ops.importance import CHUNK_ROWS, pagerank_importance, ranking_importance
 from leanvlm.ops.merge import merge_schedule, merge_tokens
 from leanvlm.ops.schedule import default_prune_layers, progressive_keep
 from leanvlm.ops.select import pack_right
@@ -114,8 +114,9 @@ class ProgressivePrune(LLMStage):
     importance: Importance = "text"
     tau: float = 0.1
     iterations: int = 5
-    chunk_size: int = 256
-    max_matrix_bytes: int = 256 * 2**20
+    #: query rows per scoring chunk: peak memory O(chunk_size * N) per head (PageRank builds M once, chunk by
+    #: chunk: the runtime's slots are causally ordered)
+    chunk_size: int = CHUNK_ROWS
     #: rank by the underflow-free importance (`ops.importance.ranking_importance`); False: the published
     #: code's float32 scores, whose underflowed zeros tie and keep the earliest tokens (for ablations)
     exact_ranking: bool = True
@@ -156,8 +157,7 @@ class ProgressivePrune(LLMStage):
             scores = ctx.attention_from(rows.clamp(min=0), rows >= 0, chunk_size=self.chunk_size)
         else:
             queries, keys, scale = ctx.queries_keys(None)
-            options = dict(tau=self.tau, iterations=self.iterations, chunk_size=self.chunk_size,
-                           max_matrix_bytes=self.max_matrix_bytes)
+            options = dict(tau=self.tau, iterations=self.iterations, chunk_size=self.chunk_size)
             if self.exact_ranking:
                 scores = ranking_importance(queries, keys, ctx.index, ctx.index, ctx.present, candidates, scale, **options)
             else:

@@ -21,10 +21,18 @@ from leanvlm.models.vision import VisionProbe
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """[..., d] -> [..., d]: (x1, x2) -> (-x2, x1), the standard RoPE pairing of HF Llama-style models."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin with rotate_half (x1, x2) = (-x2, x1), the standard RoPE pairing of HF
+    Llama-style models. x [..., d]; cos, sin broadcast to it.
+
+    Bit-identical to that formula ((-a) * b = -(a * b) and u + (-v) = u - v exactly in IEEE arithmetic)
+    with one full-size temporary instead of four (the negated half, the rotated copy and two products).
+    """
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
 
 
 class ModelAdapter(ABC):
@@ -102,12 +110,13 @@ class ModelAdapter(ABC):
         keys = projections.get("k")
         if keys is None:
             keys = attn.k_proj(hidden)
-        queries, keys = queries.unflatten(-1, (-1, head_dim)), keys.unflatten(-1, (-1, head_dim))
+        queries, keys = queries.unflatten(-1, (-1, head_dim)), keys.unflatten(-1, (-1, head_dim))  # [B, N, heads, d]
         if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms come before RoPE
             queries, keys = attn.q_norm(queries), attn.k_norm(keys)
-        queries, keys = queries.transpose(1, 2), keys.transpose(1, 2)  # [B, heads, N, d]
-        queries = queries * q_cos[:, None] + rotate_half(queries) * q_sin[:, None]
-        keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
+        # RoPE in the projections' own [B, N, heads, d] layout (contiguous, so the elementwise passes run
+        # at full speed), then [B, heads, N, d] as a view
+        queries = apply_rope(queries, q_cos[:, :, None], q_sin[:, :, None]).transpose(1, 2)
+        keys = apply_rope(keys, cos[:, :, None], sin[:, :, None]).transpose(1, 2)
         return queries, keys, float(attn.scaling)
 
     def gather_position_embeddings(self, position_embeddings: Any, index: torch.Tensor) -> Any:

@@ -139,7 +139,12 @@ def vision_signals(probe: VisionProbe, needs: frozenset[str], has_cls: bool, pre
         query = nn.functional.linear(reference, weight["q_proj.weight"], weight.get("q_proj.bias"))
         query = _heads(attn, _qk_norm(getattr(attn, "q_norm", None), query))
         scale = getattr(attn, "scale", None) or attn.scaling
-        probs = torch.softmax(query @ _heads(attn, keys).transpose(-1, -2) * scale, dim=-1)  # [N, H, 1, S]
+        # one [1, d] x [d, S] product per head on the keys' own [N, S, H, d] layout: the 4-D matmul against
+        # the transposed [N, H, d, S] view first copies all keys into that layout (~7x slower on CPU)
+        keys_by_head = keys.unflatten(-1, (-1, attn.head_dim))  # [N, S, H, d]
+        logits = torch.stack([torch.bmm(query[:, h], keys_by_head[:, :, h].transpose(1, 2))
+                              for h in range(query.shape[1])], dim=1)  # [N, H, 1, S]
+        probs = torch.softmax(logits * scale, dim=-1)
         signals["cls_attention"] = probs.mean(dim=1)[:, 0, prefix:]
     if "cls_similarity" in needs:
         out = output.float()

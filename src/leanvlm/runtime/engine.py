@@ -116,6 +116,7 @@ class ForwardState:
     overrides: dict[tuple[int, int], dict[str, Any] | None] = field(default_factory=dict)
     layer_tokens: list[torch.Tensor] = field(default_factory=list)  # per layer [B]: real tokens computed on
     layer_visual: list[torch.Tensor] = field(default_factory=list)
+    counted_index: torch.Tensor | None = None  # the `index` the last layer_tokens entry was counted for
     visual_in: torch.Tensor | None = None  # [B] visual tokens out of the projector
     visual_items: list[VisualItem] = field(default_factory=list)  # after the pre-LLM stages
     seconds: float = 0.0
@@ -357,12 +358,18 @@ class AppliedMethod:
         return hook
 
     def _count_tokens(self, fwd: ForwardState) -> None:
-        if fwd.index is None:
-            fwd.layer_tokens.append(fwd.layout.valid.sum(dim=1))
-            fwd.layer_visual.append(fwd.layout.visual.sum(dim=1))
+        """Append the real and visual tokens this layer computes on; counted again only when a drop changed
+        the slots since the previous layer (the counts [B] are read, never modified)."""
+        if fwd.layer_tokens and fwd.counted_index is fwd.index:
+            tokens, visual = fwd.layer_tokens[-1], fwd.layer_visual[-1]
+        elif fwd.index is None:
+            tokens, visual = fwd.layout.valid.sum(dim=1), fwd.layout.visual.sum(dim=1)
         else:
-            fwd.layer_tokens.append(gather_slots(fwd.layout.valid, fwd.index, fill=False).sum(dim=1))
-            fwd.layer_visual.append(gather_slots(fwd.layout.visual, fwd.index, fill=False).sum(dim=1))
+            tokens = gather_slots(fwd.layout.valid, fwd.index, fill=False).sum(dim=1)
+            visual = gather_slots(fwd.layout.visual, fwd.index, fill=False).sum(dim=1)
+        fwd.layer_tokens.append(tokens)
+        fwd.layer_visual.append(visual)
+        fwd.counted_index = fwd.index
 
     def _prompt_override(self, layer: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Prefill/extend: rows and columns are the current slots (the cache is emptied at every drop)."""
