@@ -19,6 +19,7 @@ rounds after a warm-up round; and whether both versions kept the same tokens bef
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import importlib
 import re
@@ -134,9 +135,24 @@ def workload(model, frames: int, cache: Path | None, tiny: bool) -> dict[str, An
     return data
 
 
-def measure(model, package: Any, name: str, data: dict[str, Any], cpu: dict[str, float]) -> dict[str, Any]:
-    """One prefill (as bench_speed times it) under `name` from `package`."""
-    method = importlib.import_module(f"{package.__name__}.methods.registry").make_method(name)
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """"aim" -> ("aim", {}); "aim:importance=pagerank,merge_pass_fraction=0.5" -> the registry name and its
+    options (values read as Python literals, else strings)."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for pair in filter(None, rest.split(",")):
+        key, _, text = pair.partition("=")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return name, options
+
+
+def measure(model, package: Any, spec: str, data: dict[str, Any], cpu: dict[str, float]) -> dict[str, Any]:
+    """One prefill (as bench_speed times it) under the method `spec` (see `parse_method`) from `package`."""
+    name, options = parse_method(spec)
+    method = importlib.import_module(f"{package.__name__}.methods.registry").make_method(name, **options)
     applied = method.apply(model)
     if applied._probe is not None:
         applied._probe.history = data["history"]
@@ -187,7 +203,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", required=True, help="git revision to compare this tree with")
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--methods", nargs="+", default=["aim", "itp", "prumerge+"], help="registry names")
+    parser.add_argument("--methods", nargs="+", default=["aim", "aim:importance=pagerank", "itp", "prumerge+"],
+                        help="registry names, each optionally with options: NAME:key=value,key=value")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds after one warm-up round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--cache", type=Path, default=None, help="folder keeping the vision outputs of each workload")

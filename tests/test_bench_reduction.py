@@ -27,8 +27,9 @@ def test_tiny_run_compares_head_with_this_tree():
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench_reduction"] = bench
     spec.loader.exec_module(bench)
-    lines = bench.main(["--baseline", "HEAD", "--tiny", "--frames", "2", "--methods", "aim", "--repeats", "1"])
-    assert "video-2f, aim: the same tokens kept before and inside the LLM: True" in lines
+    lines = bench.main(["--baseline", "HEAD", "--tiny", "--frames", "2", "--methods", "aim:importance=pagerank",
+                        "--repeats", "1"])
+    assert "video-2f, aim:importance=pagerank: the same tokens kept before and inside the LLM: True" in lines
     assert any(line.startswith("| in-LLM scoring: PageRank ms (CPU) |") for line in lines)
     # this process's leanvlm is left unwrapped, and the baseline is gone
     from leanvlm.methods import aim
