@@ -3,12 +3,14 @@ arXiv 2412.03248), as specified in SPEC section 1.
 
 Two stages:
 1. `TokenMerge` (before the LLM): iterative bipartite soft matching per image / video frame on the
-   projector output, down to `merge_keep` of the tokens (default 25%: 196 -> 98 -> 49 per frame).
+   projector output, down to `merge_keep` of the tokens (default 25%), at most `merge_pass_fraction` of
+   a frame's tokens a pass (default a quarter: 196 -> 147 -> 111 -> 84 -> 63 -> 49; the SPEC's 0.5:
+   196 -> 98 -> 49).
 2. `ProgressivePrune` (inside the LLM): after every layer l in [l1, l2) keep the fraction keep(l) of the
-   visual tokens that entered the LLM (linear from 1 to 0), ranked by the PageRank-style multi-modal
-   importance of that layer's attention (tau 0.1, 5 iterations, RMS over heads); layers >= l2 see no
-   visual token. `importance="text"` (the default, measured below) ranks by the attention the question's
-   tokens pay instead.
+   visual tokens that entered the LLM (linear from 1 to 0), ranked by the attention the question's tokens
+   pay to them at that layer (`importance="text"`, the default, measured below) or by the SPEC's
+   PageRank-style multi-modal importance of that layer's attention (`importance="pagerank"`: tau 0.1,
+   5 iterations, RMS over heads); layers >= l2 see no visual token.
 
 Deviations from the published code (SPEC): merged tokens keep raster order (the code leaves unmerged
 sources in score order); merging uses the size-weighted mean by default (measured in `ops.merge`);
