@@ -19,7 +19,6 @@ rounds after a warm-up round; and whether both versions kept the same tokens bef
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
 import importlib
 import re
@@ -38,6 +37,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_speed  # noqa: E402
+from leanvlm.cli.common import parse_opts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "leanvlm_baseline"
@@ -136,17 +136,10 @@ def workload(model, frames: int, cache: Path | None, tiny: bool) -> dict[str, An
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """"aim" -> ("aim", {}); "aim:importance=pagerank,merge_pass_fraction=0.5" -> the registry name and its
-    options (values read as Python literals, else strings)."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for pair in filter(None, rest.split(",")):
-        key, _, text = pair.partition("=")
-        try:
-            options[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            options[key] = text
-    return name, options
+    """"aim" -> ("aim", {}); "aim:importance=pagerank:merge_pass_fraction=0.5" -> the registry name and its
+    options, each value read as `leanvlm eval --opt` reads it (`cli.common.parse_opts`)."""
+    name, *pairs = spec.split(":")
+    return name, parse_opts(pairs)
 
 
 def measure(model, package: Any, spec: str, data: dict[str, Any], cpu: dict[str, float]) -> dict[str, Any]:
@@ -204,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--baseline", required=True, help="git revision to compare this tree with")
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--methods", nargs="+", default=["aim", "aim:importance=pagerank", "itp", "prumerge+"],
-                        help="registry names, each optionally with options: NAME:key=value,key=value")
+                        help="registry names, each optionally with options: NAME:key=value:key=value")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds after one warm-up round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--cache", type=Path, default=None, help="folder keeping the vision outputs of each workload")
