@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from leanvlm.ops.select import gather_slots
 from leanvlm.models.vision import VisionProbe
-from leanvlm.runtime.visual import ShrunkSequence, VisualItem
+from leanvlm.runtime.visual import ShrunkSequence, VisualItem, shrink_placeholders
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -181,6 +181,32 @@ class ModelAdapter(ABC):
     def rebuild_inputs(self, kwargs: dict[str, Any], items: list[VisualItem]) -> tuple[dict[str, Any], ShrunkSequence | None]:
         """Return forward kwargs that feed the reduced items to the LLM (sequence shrunk accordingly), and
         the shrink record (None if no token was removed)."""
+
+    def feed_features(
+        self, kwargs: dict[str, Any], encoded: dict[str, Any], placeholder_ids: list[int],
+        old_counts: list[int], new_counts: list[int],
+    ) -> tuple[dict[str, Any], ShrunkSequence | None]:
+        """Forward kwargs that feed `encoded` ({"image" / "video": BaseModelOutputWithPooling}) as the
+        pre-encoded features instead of the pixels, with the k-th visual item's run of placeholders
+        (input_ids in `placeholder_ids`, row-major) shrunk from old_counts[k] to new_counts[k] (1-D
+        position_ids move down with it). Returns the kwargs and the shrink record (None: nothing removed)."""
+        kwargs = dict(kwargs)
+        for name in ("pixel_values", "pixel_values_videos"):
+            if name in kwargs:
+                kwargs[name] = None
+        # A new dict: generate reuses its own across uncached steps, which must see the unreduced features.
+        kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), **encoded}
+        if new_counts == old_counts:
+            return kwargs, None
+        input_ids = kwargs["input_ids"]
+        placeholder = torch.isin(input_ids, torch.tensor(placeholder_ids, device=input_ids.device))
+        shrunk = shrink_placeholders(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), placeholder,
+                                     old_counts, new_counts, self.pad_token_id)
+        kwargs["input_ids"] = shrunk.input_ids
+        kwargs["attention_mask"] = shrunk.attention_mask
+        if shrunk.position_ids is not None:
+            kwargs["position_ids"] = shrunk.position_ids
+        return kwargs, shrunk
 
     def decode_inputs(self, kwargs: dict[str, Any], shrunk: ShrunkSequence, prompt_length: int) -> dict[str, Any]:
         """Fix a cached decode step's kwargs after a pre-LLM shrink: the caller's attention mask and position

@@ -38,7 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from leanvlm.models.base import ModelAdapter
 from leanvlm.models.vision import VisionProbe, encoder_layers, vision_signals
-from leanvlm.runtime.visual import ShrunkSequence, VisualItem, shrink_placeholders
+from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 
 
 class Idefics3Adapter(ModelAdapter):
@@ -103,24 +103,11 @@ class Idefics3Adapter(ModelAdapter):
         return items
 
     def rebuild_inputs(self, kwargs: dict[str, Any], items: list[VisualItem]) -> tuple[dict[str, Any], ShrunkSequence | None]:
-        input_ids = kwargs["input_ids"]
         # [tokens, 1, C] in placeholder order: one "block" per placeholder, which every transformers version's
         # merger takes (SmolVLM's block-wise merger of transformers 5.20 needs [blocks, tokens a block, C] with
         # equal blocks, which reduced tiles are not; masked_scatter only counts elements)
         features = torch.cat([item.frames[0] for item in items])[:, None]
         old_counts = [item.grid[0] * item.grid[1] for item in items]
         new_counts = [item.num_tokens for item in items]
-        kwargs = dict(kwargs)
-        kwargs["pixel_values"] = None
-        # A new dict: generate reuses its own across uncached steps, which must see the unreduced features.
-        kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}),
-                                        "image": BaseModelOutputWithPooling(pooler_output=features)}
-        if new_counts == old_counts:
-            return kwargs, None
-        shrunk = shrink_placeholders(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"),
-                                     input_ids == self.visual_token_ids[0], old_counts, new_counts, self.pad_token_id)
-        kwargs["input_ids"] = shrunk.input_ids
-        kwargs["attention_mask"] = shrunk.attention_mask
-        if shrunk.position_ids is not None:
-            kwargs["position_ids"] = shrunk.position_ids
-        return kwargs, shrunk
+        return self.feed_features(kwargs, {"image": BaseModelOutputWithPooling(pooler_output=features)},
+                                  self.visual_token_ids[:1], old_counts, new_counts)

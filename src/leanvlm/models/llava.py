@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from leanvlm.models.base import ModelAdapter
 from leanvlm.models.vision import VisionProbe, encoder_layers, feature_layer_index, vision_signals
-from leanvlm.runtime.visual import ShrunkSequence, VisualItem, shrink_placeholders
+from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 
 
 class LlavaAdapter(ModelAdapter):
@@ -68,20 +68,5 @@ class LlavaAdapter(ModelAdapter):
         features = [torch.cat(item.frames, dim=0) for item in items]
         old_counts = [item.grid[0] * item.grid[1] * len(item.frames) for item in items]
         new_counts = [f.shape[0] for f in features]
-        kwargs = dict(kwargs)
-        kwargs["pixel_values"] = None
-        # A new dict: generate reuses its own across uncached steps, which must see the unreduced features.
-        kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}),
-                                        "image": BaseModelOutputWithPooling(pooler_output=features)}
-        if new_counts == old_counts:
-            return kwargs, None
-        input_ids = kwargs["input_ids"]
-        shrunk = shrink_placeholders(
-            input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"),
-            input_ids == self.visual_token_ids[0], old_counts, new_counts, self.pad_token_id,
-        )
-        kwargs["input_ids"] = shrunk.input_ids
-        kwargs["attention_mask"] = shrunk.attention_mask
-        if shrunk.position_ids is not None:
-            kwargs["position_ids"] = shrunk.position_ids
-        return kwargs, shrunk
+        return self.feed_features(kwargs, {"image": BaseModelOutputWithPooling(pooler_output=features)},
+                                  self.visual_token_ids[:1], old_counts, new_counts)

@@ -45,7 +45,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from leanvlm.models.base import ModelAdapter
 from leanvlm.models.vision import VisionProbe, encoder_layers, feature_layer_index, vision_signals
-from leanvlm.runtime.visual import ShrunkSequence, VisualItem, shrink_placeholders
+from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 
 
 @dataclass
@@ -339,27 +339,12 @@ class OneVisionAdapter(ModelAdapter):
             flags.append(newline)
             old_counts.append(run.length)
             new_counts.append(features.shape[0])
-        kwargs = dict(kwargs)
-        kwargs["pixel_values"] = kwargs["pixel_values_videos"] = None
-        # A new dict: generate reuses its own across uncached steps, which must see the unreduced features.
-        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
+        encoded = {}
         if image_features:
             encoded["image"] = BaseModelOutputWithPooling(pooler_output=image_features)
         if video_features:  # the forward flattens (videos, tokens): one row holding every video's tokens
             encoded["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(video_features)[None])
-        kwargs["mm_encoder_outputs"] = encoded
-        shrunk = None
-        if new_counts != old_counts:
-            input_ids = kwargs["input_ids"]
-            shrunk = shrink_placeholders(
-                input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"),
-                torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device)),
-                old_counts, new_counts, self.pad_token_id,
-            )
-            kwargs["input_ids"] = shrunk.input_ids
-            kwargs["attention_mask"] = shrunk.attention_mask
-            if shrunk.position_ids is not None:
-                kwargs["position_ids"] = shrunk.position_ids
+        kwargs, shrunk = self.feed_features(kwargs, encoded, self.visual_token_ids, old_counts, new_counts)
         self._rebuilt = (kwargs["input_ids"], self._scatter_flags(kwargs["input_ids"], flags))
         return kwargs, shrunk
 

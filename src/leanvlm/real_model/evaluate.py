@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--feature-dir", default=os.path.join(os.getcwd(), ".cache", "features"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--weights-dir", default=None,
+                    help="adapter directory to evaluate (adapter.safetensors + recipe.json; default: the shipped weights/)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, processor = load_real_model()
+    model, processor = load_real_model(weights_dir=args.weights_dir)
     test = easyvqa("test")
     if args.easyvqa_images:
         keep = list(dict.fromkeys(it.image_key for it in test))[: args.easyvqa_images]
@@ -93,12 +95,12 @@ def main(argv: list[str] | None = None) -> None:
         results = {"easyvqa_test": evaluate(model, processor, test, args.batch_size),
                    "scenes_test": evaluate(model, processor, scene_items, args.batch_size)}
     else:
-        from leanvlm.real_model.adapter import load_recipe
+        from leanvlm.real_model.adapter import WEIGHTS_DIR, load_recipe
         from leanvlm.real_model.features import cache_features
         from leanvlm.real_model.train import PackedData, Packer, cached_rows, quick_eval
 
         packer = Packer(processor)
-        rows = cached_rows(load_recipe()["vision_feature_layer"])
+        rows = cached_rows(load_recipe(args.weights_dir or WEIGHTS_DIR)["vision_feature_layer"])
         results = {}
         sets = (("easyvqa_test", f"easyvqa-test-img{args.easyvqa_images or 'all'}", test),
                 ("scenes_test", f"scenes-test-0-n{args.scenes}", scene_items))
