@@ -293,6 +293,10 @@ def methods(model, workload: Workload, budget: float) -> dict[str, leanvlm.Metho
         "pyramiddrop": make_method("pyramiddrop"),
         "random": make_method("random", keep=0.25),
         "pool": make_method("pool", keep=0.25),
+        # wave-2 peers: the image ones at a quarter of the visual tokens, the video ones at their paper's 10%
+        **{name: make_method(name, keep=0.25) for name in ("divprune", "cdpruner", "vispruner", "dart")},
+        "holitom": make_method("holitom"),
+        "fastvid": make_method("fastvid"),
     }
 
 
