@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 log(f"eval step {step}: {json.dumps(quick_eval(model, packer, evals))}")
 
-    recipe = {"base": "video_model.load_video_base (the image model with weights/ merged)",
+    recipe = {"base": "video_model.load_video_base (the image model of video_model.IMAGE_WEIGHTS_OF_VIDEO merged)",
               "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_targets": list(LORA_TARGETS),
               "frames": FRAMES, "steps": args.steps, "seed": args.seed, "train_args": vars(args)}
     save_adapter(adapter_state(model, loras), recipe, args.out)

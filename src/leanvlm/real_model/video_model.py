@@ -60,8 +60,9 @@ from leanvlm.real_model.clips import CLIP_ANSWERS, FRAMES
 VIDEO_TOKEN = "<video>"
 POOLED_TOKENS_PER_FRAME = ((IMAGE_SIZE // PATCH_SIZE + 1) // 2) ** 2  # 8 x 8 = 64
 WEIGHTS_VIDEO_DIR = os.path.join(os.path.dirname(__file__), "weights_video")
-# The image model's weights the video adapter was trained on top of (its LoRA is merged into the video base).
-IMAGE_WEIGHTS_OF_VIDEO = os.path.join(os.path.dirname(__file__), "weights")
+# The image model's weights the video adapter was trained on top of (its LoRA is merged into the video base):
+# the image model's training stages 1-2 (weights/ has trained further since; the video adapter was not retrained).
+IMAGE_WEIGHTS_OF_VIDEO = os.path.join(WEIGHTS_VIDEO_DIR, "image_base")
 # ChatML as the image model's, plus {"type": "video"} parts rendered as "<video>\n".
 VIDEO_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
     "{% if part['type'] == 'image' %}{{ '<image>\n' }}",
