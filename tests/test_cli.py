@@ -260,3 +260,22 @@ def test_python_dash_m_leanvlm_is_the_cli():
                              "--method", "none", "--json"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["ratio"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["visionzip", "random", "divprune"])
+def test_sweep_budget_search_reaches_a_seventh_on_short_clips(name):
+    """8 frames of 64 tokens + 37 text tokens (the bundled video model's clip prompt): whole tokens a frame
+    put the nearest ratios to 1/7 at 6.75x and ~7.5x, both > 3% away; the search still returns a method,
+    within BUDGET_TOLERANCE, and keeps the one nearest the target."""
+    from transformers import LlavaOnevisionConfig
+
+    from leanvlm.cli.eval import BUDGET_TOLERANCE, analytic_ratio, method_for_flops
+
+    config = LlavaOnevisionConfig.from_json_file(
+        os.path.join(os.path.dirname(cli.__file__), "..", "real_model", "weights_video", "config.json"))
+    method, _, ratio = method_for_flops(name, 1 / 7, config, visual_tokens=512, text_tokens=37, frames=8)
+    assert method is not None
+    assert abs(ratio - 7) / 7 <= BUDGET_TOLERANCE
+    assert ratio == pytest.approx(analytic_ratio(method, config, 512, 37, 8))
+    neighbours = [analytic_ratio(type(method)(keep=k / 64), config, 512, 37, 8) for k in range(6, 14)]
+    assert abs(ratio - 7) == pytest.approx(min(abs(r - 7) for r in neighbours))

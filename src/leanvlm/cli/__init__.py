@@ -305,6 +305,7 @@ def sweep(
     OUT/sweep-DATASET.md, .json and .png (accuracy vs FLOPs reduction).
     """
     from leanvlm.cli.eval import (
+        BUDGET_TOLERANCE,
         analytic_ratio,
         evaluate,
         is_video,
@@ -364,7 +365,7 @@ def sweep(
     title = f"Sweep on {dataset} ({len(items)} questions, {loaded.name})"
     table_md = markdown_table(rows, baseline, title)
     if skipped:
-        table_md += "\nNot reachable within 3% of the target: " + ", ".join(
+        table_md += f"\nNot reachable within {BUDGET_TOLERANCE:.0%} of the target: " + ", ".join(
             f"{s['method']} @ 1/{1 / s['target']:.3g}" for s in skipped) + "\n"
     (out / f"{stem}.md").write_text(table_md)
     save_png(pareto_figure(rows, title=title, baseline=baseline["accuracy"]), out / f"{stem}.png")
@@ -377,7 +378,7 @@ def sweep(
                       f"{row['visual_tokens']:.1f}", fmt_ratio(row["flops_ratio"]))
     console.print(table)
     if skipped:
-        console.print("not reachable within 3% of the target: "
+        console.print(f"not reachable within {BUDGET_TOLERANCE:.0%} of the target: "
                       + ", ".join(f"{s['method']} @ 1/{1 / s['target']:.3g}" for s in skipped))
     console.print(f"wrote {out / stem}.md, .json, .png")
 
