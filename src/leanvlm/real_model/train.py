@@ -13,9 +13,11 @@ with a block attention mask (each question block sees the prefix and itself, cau
 that restart after the prefix for every block, so every block is computed exactly as the stand-alone
 prompt "prefix + block" would be. This cuts the tokens per supervised answer ~5x.
 
-The shipped weights come from two runs (weights/recipe.json "stages", weights/train_log.txt): 400 steps
+The shipped weights come from four runs (weights/recipe.json "stages", weights/train_log.txt): 400 steps
 from scratch in float32, then `--init-from` those weights, 900 steps with `--bf16` (bfloat16 autocast,
-float32 master weights: ~1.7x faster on CPUs with AMX), 4 images a step and twice the easy-VQA images.
+float32 master weights: ~1.7x faster on CPUs with AMX), 4 images a step and twice the easy-VQA images;
+then 165 + 220 steps on scenes with every question each answers (`scenes-every-*`, count and colour
+questions weighted 3), each run continuing the previous one.
 
 Resumable: a checkpoint (trainable params, optimiser, scheduler, step) is written every --ckpt-every
 steps to <out>/ckpt.pt; rerunning the same command continues from it. The data order is a function
