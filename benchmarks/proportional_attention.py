@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +36,7 @@ def answers_for_image(model, processor, image, questions: list[str], keep: float
     encoded = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
                                              vision_feature_select_strategy=config.vision_feature_select_strategy,
                                              return_dict=True)
-    features = encoded.pooler_output
-    features = (features[0] if isinstance(features, (list, tuple)) else features[0])[None]  # [1, T, C]
+    features = encoded.pooler_output[0][None]  # [1, T, C] (a list of [T, C] or a [1, T, C] tensor)
     merged = merge_tokens(features, None, keep, pass_fraction=PASS_FRACTION)  # tokens [1, T', C], sizes [1, T']
     bias = merged.sizes[0].float().log() if proportional else torch.zeros(merged.sizes.shape[1])
     embed = model.get_input_embeddings()
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model, processor = load_real_model(progress=False)
     data = {"scenes": scenes("heldout", args.scenes, args.seed), "easyvqa": fresh_easyvqa(args.images, args.seed)}
-    results = {"command": "python benchmarks/proportional_attention.py " + " ".join(argv or __import__("sys").argv[1:]),
+    results = {"command": "python benchmarks/proportional_attention.py " + " ".join(argv or sys.argv[1:]),
                "keep": args.keep, "rows": {}}
     for proportional in (False, True):  # plain merge first: it must equal AIM(prune=False)
         name = "merge + proportional attention" if proportional else "merge only (= AIM(prune=False))"

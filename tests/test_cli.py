@@ -265,7 +265,7 @@ def test_python_dash_m_leanvlm_is_the_cli():
 @pytest.mark.parametrize("name", ["visionzip", "random", "divprune"])
 def test_sweep_budget_search_reaches_a_seventh_on_short_clips(name):
     """8 frames of 64 tokens + 37 text tokens (the bundled video model's clip prompt): whole tokens a frame
-    put the nearest ratios to 1/7 at 6.75x and ~7.5x, both > 3% away; the search still returns a method,
+    put the nearest ratios to 1/7 at 6.75x and 7.41x, both > 3% away; the search still returns a method,
     within BUDGET_TOLERANCE, and keeps the one nearest the target."""
     from transformers import LlavaOnevisionConfig
 
