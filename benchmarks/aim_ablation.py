@@ -55,6 +55,12 @@ CONFIGS: dict[str, tuple[str, Callable[[], leanvlm.Method] | None]] = {
                  lambda: leanvlm.AIM(importance="pagerank")),
     "key": ("AIM(merge_metric='key', importance='pagerank')", lambda: leanvlm.AIM(merge_metric="key", importance="pagerank")),
     "default": ("AIM() default: quarter-per-pass merge + text importance (images)", lambda: leanvlm.AIM()),
+    "late_prune": ("AIM(l1=18, l2=26): default merge, pruning 3 layers later",
+                   lambda: leanvlm.AIM(l1=18, l2=26)),
+    "merge30_prune12": ("AIM(merge_keep=0.3, l1=12, l2=24): lighter merge, earlier pruning",
+                        lambda: leanvlm.AIM(merge_keep=0.3, l1=12, l2=24)),
+    "merge35_prune10": ("AIM(merge_keep=0.35, l1=10, l2=20): lighter merge, earlier pruning",
+                        lambda: leanvlm.AIM(merge_keep=0.35, l1=10, l2=20)),
     "visionzip": ("VisionZip()", lambda: leanvlm.VisionZip()),
     "itp": ("ITP()", lambda: leanvlm.ITP()),
 }

@@ -8,8 +8,9 @@ The vision tower computes the same thing whatever the method, so it runs ONCE pe
 reported separately) and every method gets the same projector features as `mm_encoder_outputs` (what
 `generate` does too); methods that read vision-tower signals (ITP, VisionZip, PruMerge) get the capture
 of that one vision forward. What is timed per method is the LLM prefill (incl. the method's own
-reduction code), median of --repeats runs after one warm-up, then --new-tokens cached greedy decode steps
-continuing the last prefill (decode tok/s; "decode speedup" = vs the plain model: the reduced KV cache).
+reduction code), median of --repeats runs after one warm-up, the methods interleaved round by round (a
+change of load hits all alike), then --new-tokens cached greedy decode steps continuing the last prefill
+(decode tok/s; "decode speedup" = vs the plain model: the reduced KV cache).
 
 Also, unless --no-e2e / --batches none: end-to-end time to first token (the frames' image processor on
 PIL frames + vision tower + projector + the method + LLM prefill + the first token, one run each, for
@@ -300,37 +301,53 @@ def methods(model, workload: Workload, budget: float) -> dict[str, leanvlm.Metho
     }
 
 
-def measure(model, workload: Workload, name: str, method, repeats: int, new_tokens: int, capture) -> dict[str, Any]:
+def measure_interleaved(model, workload: Workload, chosen: dict[str, leanvlm.Method | None], repeats: int,
+                        new_tokens: int, capture, on_step=lambda: None) -> list[dict[str, Any]]:
+    """One row per method of `chosen` on one workload. The prefills interleave: round 0 (warm-up) and each
+    of the `repeats` timed rounds run every method once in turn, so a change of load on the machine hits
+    every method alike and the speedups (ratios to the plain model) compare like with like. The last
+    round's prefill of each method gives its KV-cache size, stats and memory, and is continued by
+    `new_tokens` cached greedy steps (decode tok/s). on_step() is called after every prefill (progress)."""
     kwargs = dict(input_ids=workload.input_ids, mm_encoder_outputs=workload.encoded, **workload.extra)
-    applied = method.apply(model) if method is not None else None
-    try:
-        if applied is not None and applied._probe is not None:
-            # the one vision forward of this workload (see the module docstring)
-            applied._probe.history = capture.history
-        times = []
-        for run in range(repeats + 1):
-            gc.collect()
-            with torch.no_grad(), PeakRSS(model.device) as memory:
-                start = time.perf_counter()
-                out = model(**kwargs, use_cache=True, logits_to_keep=1)
-                synchronize(model.device)
-                elapsed = time.perf_counter() - start
-            if run:
-                times.append(elapsed)
-        cache_bytes = kv_cache_bytes(cache_of(out))
-        stats = method.stats if method is not None else None
-        decode_seconds = greedy_decode_seconds(model, out, new_tokens)
-        del out
-    finally:
-        if applied is not None:
-            applied.remove()
+    times: dict[str, list[float]] = {name: [] for name in chosen}
+    last: dict[str, dict[str, Any]] = {}
+    for run in range(repeats + 1):
+        for name, method in chosen.items():
+            applied = method.apply(model) if method is not None else None
+            try:
+                if applied is not None and applied._probe is not None:
+                    # the one vision forward of this workload (see the module docstring)
+                    applied._probe.history = capture.history
+                gc.collect()
+                with torch.no_grad(), PeakRSS(model.device) as memory:
+                    start = time.perf_counter()
+                    out = model(**kwargs, use_cache=True, logits_to_keep=1)
+                    synchronize(model.device)
+                    elapsed = time.perf_counter() - start
+                if run:
+                    times[name].append(elapsed)
+                if run == repeats:
+                    last[name] = {"cache_bytes": kv_cache_bytes(cache_of(out)), "peak_mb": memory.peak_mb,
+                                  "stats": method.stats if method is not None else None,
+                                  "decode_s": greedy_decode_seconds(model, out, new_tokens)}
+                del out
+            finally:
+                if applied is not None:
+                    applied.remove()
+            on_step()
+    return [_row(model, workload, name, method, times[name], last[name], new_tokens) for name, method in chosen.items()]
+
+
+def _row(model, workload: Workload, name: str, method, times: list[float], last: dict[str, Any],
+         new_tokens: int) -> dict[str, Any]:
     prefill = statistics.median(times)
     layers = model.config.text_config.num_hidden_layers
+    stats = last["stats"]
     row = {
         "workload": workload.name, "method": name, "config": repr(method) if method is not None else "plain model",
         "prefill_s": prefill, "prefill_runs_s": times,
-        "decode_tokens_per_s": new_tokens / decode_seconds,
-        "peak_rss_mb": memory.peak_mb, "kv_cache_mb": cache_bytes / 2**20,
+        "decode_tokens_per_s": new_tokens / last["decode_s"],
+        "peak_rss_mb": last["peak_mb"], "kv_cache_mb": last["cache_bytes"] / 2**20,
         "tokens_in": int(workload.input_ids.shape[1]),
     }
     if stats is not None:
@@ -395,12 +412,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             capture.remove()
             candidates = methods(model, workload, args.budget)
             chosen = {k: v for k, v in candidates.items() if args.methods is None or k in args.methods}
-            task = progress.add_task(f"{workload_name} ({workload.input_ids.shape[1]} tokens)", total=len(chosen))
-            for name, method in chosen.items():
-                row = measure(model, workload, name, method, args.repeats, args.new_tokens, capture)
+            task = progress.add_task(f"{workload_name} ({workload.input_ids.shape[1]} tokens, {len(chosen)} methods "
+                                     f"interleaved)", total=(args.repeats + 1) * len(chosen))
+            for row in measure_interleaved(model, workload, chosen, args.repeats, args.new_tokens, capture,
+                                           on_step=lambda: progress.advance(task)):
                 row["vision_s"] = workload.vision_seconds
                 rows.append(row)
-                progress.advance(task)
             if not args.no_e2e:
                 for name in args.e2e_methods:  # interleaved per workload: the load hits each alike
                     e2e.append(measure_e2e(model, workload, name, candidates[name]))

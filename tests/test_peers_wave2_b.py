@@ -23,7 +23,8 @@ from leanvlm.methods.fastvid import DensityPrune, FastVID
 from leanvlm.methods.holitom import HolisticMerge, HoliTom, SimilarityMerge, inner_merge_layer, pairwise_average_merge
 from leanvlm.methods.registry import make_method, method_for_budget
 from leanvlm.ops.select import merge_slots
-from leanvlm.ops.temporal import consecutive_similarity, density_peak_scores, static_windows, transition_segments
+from leanvlm.ops.temporal import (consecutive_similarity, density_peak_scores, pairwise_distances, static_windows,
+                                  transition_segments)
 from leanvlm.runtime.visual import VisualItem
 from test_models import alone, cached, frame_tokens, model_for, prompts
 from tiny import IMAGE_TOKEN, PATCHES, batch_inputs, prompt_ids, select, tiny_llava
@@ -223,6 +224,26 @@ def test_transition_segments_equal_the_reference(seed):
         lengths = transition_segments(features, c, tau)
         assert lengths == ref_dyseg(features.numpy(), c, tau), (c, tau)
         assert sum(lengths) == 10 and len(lengths) >= min(c, 10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pairwise_distances_equal_the_direct_differences(seed):
+    """The Gram-matrix distances are as accurate as float32 allows, near-duplicates and an offset included."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 40, 64, generator=g) + 50.0  # a large common offset: the Gram form's worst case
+    x[:, 1] = x[:, 0] + 1e-4 * torch.randn(3, 64, generator=g)  # near-duplicates
+    x[:, 2] = x[:, 0]  # an exact duplicate
+    want = ref_distances_batch(x.double())
+    got = pairwise_distances(x)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=1e-6, atol=1e-9)
+    assert bool((got.diagonal(dim1=1, dim2=2) == 0).all()) and bool((got[:, 0, 2] == 0).all())
+    assert bool((got[:, 0, 1] > 0).all())
+
+
+def ref_distances_batch(x: torch.Tensor) -> torch.Tensor:
+    """Direct differences: |x_i - x_j| / sqrt(C), x [B, N, C] float64."""
+    return (x[:, :, None] - x[:, None, :]).norm(dim=-1) / math.sqrt(x.shape[-1])
 
 
 @pytest.mark.parametrize("seed", range(3))

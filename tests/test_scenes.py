@@ -3,7 +3,7 @@ every position answer is true of the pixels (object centres found from the image
 
 import numpy as np
 
-from leanvlm.real_model.data import COLORS, scenes
+from leanvlm.real_model.data import COLORS, scene_objects, scenes
 
 
 def _centre(image, rgb, tol=30):
@@ -33,3 +33,18 @@ def test_position_answers_match_the_pixels():
         (ax, ay), (bx, by) = _centre(item.image, COLORS[a]), _centre(item.image, COLORS[b])
         truth = ax < bx if "left" in item.question else ay < by
         assert item.answer == ("yes" if truth else "no"), item.question
+
+
+def test_scene_objects_are_the_scenes_images_with_their_shapes():
+    items = scenes("heldout", 12, 4)
+    layouts = scene_objects("heldout", 12, 4)
+    first = {}
+    for item in items:
+        first.setdefault(item.image_key, item)
+    assert len(layouts) == len(first) == 12
+    for (image, objects), item in zip(layouts, first.values()):
+        assert np.array_equal(np.asarray(image), np.asarray(item.image))
+        assert item.question == "how many shapes are there?" and item.answer == str(len(objects))
+        for color, _, x, y in objects:  # each object's colour is drawn around its centre (a triangle's
+            cx, cy = _centre(image, COLORS[color])  # centroid sits up to 0.3 r = 5.4 px below it)
+            assert abs(cx - x) < 6 and abs(cy - y) < 6, (color, x, y, cx, cy)

@@ -96,9 +96,16 @@ class DensityPrune(PreLLMStage):
         assignment = torch.full(stacked.shape[:2], FILLER, dtype=torch.long, device=device)
         assignment.scatter_(1, salient, torch.arange(salient_count, device=device).expand(len(frames), -1))
         lengths = transition_segments(stacked.float().mean(dim=1), self.min_segments, self.tau)
-        rest_tokens = stacked.gather(1, rest[..., None].expand(-1, -1, stacked.shape[2]))  # [F, n, C]
+        rest_tokens = stacked[torch.arange(len(frames), device=device)[:, None], rest]  # [F, n, C]
         if rest.shape[1] and contextual_count:
-            scores, _ = density_peak_scores(rest_tokens, min(self.k, rest.shape[1]))  # [F, n]
+            # Density peaks are only read on anchor frames (every anchor_step-th frame of a segment): score
+            # those alone (each frame is scored on its own, so the values do not change).
+            starts = [sum(lengths[:i]) for i in range(len(lengths))]
+            anchor_frames = torch.tensor([f for start, length in zip(starts, lengths)
+                                          for f in range(start, start + length, self.anchor_step)], device=device)
+            anchor_scores, _ = density_peak_scores(rest_tokens[anchor_frames], min(self.k, rest.shape[1]))
+            scores = anchor_scores.new_zeros(rest.shape)  # [F, n], read on anchor frames only
+            scores[anchor_frames] = anchor_scores
             start = 0
             for length in lengths:
                 self._segment(rest, rest_tokens, scores, start, length, contextual_count, salient_count, outputs,

@@ -104,10 +104,36 @@ def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
 
 
+#: pairs whose Gram-form squared distance is below this fraction of |a|^2 + |b|^2 are recomputed from
+#: their differences: there the cancellation error (~C * 1e-16 of the norms) could reach the distance itself
+NEAR_PAIR_FRACTION = 1e-6
+
+
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances divided by sqrt(C) (the DPC-kNN scaling): x [B, N, C] -> [B, N, N] float32+."""
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(x.shape[-1])
+    """Euclidean distances divided by sqrt(C) (the DPC-kNN scaling): x [B, N, C] -> [B, N, N] float32+.
+
+    From the Gram matrix (one matrix product, ~5x faster on CPU than direct differences at 32 frames x 189
+    tokens x 896 channels), in float64 after centring each row's tokens (distances do not change, the
+    norms shrink). Pairs so close that |a|^2 + |b|^2 - 2 a.b could cancel below its rounding error
+    (squared distance < NEAR_PAIR_FRACTION of the squared norms: near-duplicates, e.g. flat background
+    patches) are recomputed from their differences, among the tokens that have such a pair only, so
+    duplicates are exactly 0 apart and tiny distances keep their precision, as with direct differences.
+    """
+    out_dtype = torch.promote_types(x.dtype, torch.float32)
+    wide = x.to(torch.float64)
+    wide = wide - wide.mean(dim=1, keepdim=True)
+    squared = (wide * wide).sum(dim=-1)  # [B, N]
+    norms = squared[:, :, None] + squared[:, None, :]  # [B, N, N]
+    distances = (norms - 2 * (wide @ wide.transpose(1, 2))).clamp_(min=0)
+    near = distances < NEAR_PAIR_FRACTION * norms
+    near.diagonal(dim1=1, dim2=2).fill_(False)
+    distances.diagonal(dim1=1, dim2=2).zero_()
+    for row in near.any(dim=2).any(dim=1).nonzero().flatten().tolist():
+        tokens = near[row].any(dim=1).nonzero().flatten()  # [U]: the tokens with a near pair
+        block = (tokens[:, None], tokens[None, :])
+        exact = torch.cdist(wide[row, tokens], wide[row, tokens], compute_mode="donot_use_mm_for_euclid_dist")
+        distances[row][block] = torch.where(near[row][block], exact.square(), distances[row][block])
+    return (distances.sqrt_() / math.sqrt(x.shape[-1])).to(out_dtype)
 
 
 def density_peak_scores(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

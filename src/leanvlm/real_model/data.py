@@ -205,18 +205,29 @@ def scenes(split: str, n: int, seed: int = 0, every_question: bool = False) -> l
     scene: all colour / shape / ordered-pair position questions) to the same images; the questions of
     the default draw come first and the images are identical.
     """
-    if split not in _SPLIT_STREAM:
-        raise ValueError(f"split must be one of {', '.join(map(repr, _SPLIT_STREAM))}, got {split!r}")
-    rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
     items = []
-    for k in range(n):
-        image, objects = _scene(rng)
-        rows = _scene_questions(rng, objects)
+    for k, (image, objects, rows) in enumerate(_scene_stream(split, n, seed)):
         if every_question:
             rows += [row for row in _every_scene_question(objects) if row not in rows]
         for question, answer, qtype in rows:
             items.append(VQAItem(image, question, answer, qtype, f"scenes-{split}-{seed}-{k}"))
     return items
+
+
+def scene_objects(split: str, n: int, seed: int = 0) -> list[tuple[Image.Image, list[tuple[str, str, float, float]]]]:
+    """The images of `scenes(split, n, seed)` with their objects (color, shape, cx, cy), cx / cy in the
+    128-px image's coordinates (for analyses that need where each shape is)."""
+    return [(image, objects) for image, objects, _ in _scene_stream(split, n, seed)]
+
+
+def _scene_stream(split: str, n: int, seed: int):
+    """(image, objects, question rows) of each of `n` scenes: one random stream per (split, seed)."""
+    if split not in _SPLIT_STREAM:
+        raise ValueError(f"split must be one of {', '.join(map(repr, _SPLIT_STREAM))}, got {split!r}")
+    rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
+    for _ in range(n):
+        image, objects = _scene(rng)
+        yield image, objects, _scene_questions(rng, objects)
 
 
 # ----------------------------------------------------------------------------------------------------

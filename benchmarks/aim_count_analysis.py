@@ -1,0 +1,102 @@
+"""Where AIM's counting loss on the bundled image model comes from: does the merge lose objects, and which
+counts does the model confuse with and without it?
+
+Data: held-out scenes (`scenes("heldout", N, seed)`, 2-4 shapes of distinct colours on a pale background).
+1. Objects through the merge (`ops.merge.merge_tokens` on the projector output, AIM's default keep and
+   schedule): per object, the output tokens whose merge group is at least half the object's patches (an
+   object's patches: the 16 x 16 grid cells whose centre lies within 10 px of its centre, radius >= 11 px),
+   objects left with none of their own, and groups that mix two objects.
+2. The count question ("how many shapes are there?") of every scene, closed-set: confusion (answer ->
+   prediction) of the plain model, `AIM()` and `AIM(prune=False)`.
+
+    python benchmarks/aim_count_analysis.py --scenes 200 --seed 2 --out runs/aim-count.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import leanvlm
+from leanvlm.methods.aim import PASS_FRACTION
+from leanvlm.ops.merge import merge_tokens
+from leanvlm.real_model import load_real_model, prepare_inputs, score_answers
+from leanvlm.real_model.data import scene_objects, scenes
+
+IMAGE_SIZE = 128  # scenes are drawn at 128 x 128 px
+INNER_RADIUS = 10.0  # px: inside every shape (radii 11-18 px)
+COUNT_QUESTION = "how many shapes are there?"
+
+
+def objects_through_merge(model, processor, count: int, seed: int, keep: float) -> dict:
+    """Part 1 over the first `count` held-out scenes of `seed` (the same images `scenes()` draws)."""
+    own_tokens, lost, mixed = [], 0, 0
+    for image, objects in scene_objects("heldout", count, seed):
+        inputs = prepare_inputs(processor, [image], [COUNT_QUESTION])
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+        assignment = merge_tokens(features.reshape(1, -1, features.shape[-1]), None, keep,
+                                  pass_fraction=PASS_FRACTION).assignment[0].numpy()  # [T]
+        side = round(len(assignment) ** 0.5)
+        rows, cols = np.mgrid[0:side, 0:side]
+        cell = IMAGE_SIZE / side
+        owner = np.full(side * side, -1)
+        for i, (_, _, x, y) in enumerate(objects):
+            inside = ((cols + 0.5) * cell - x) ** 2 + ((rows + 0.5) * cell - y) ** 2 < INNER_RADIUS ** 2
+            owner[inside.reshape(-1)] = i
+        for i in range(len(objects)):
+            groups = set(assignment[owner == i].tolist())
+            own = [g for g in groups if (owner[assignment == g] == i).mean() >= 0.5]
+            own_tokens.append(len(own))
+            lost += not own
+        mixed += sum(len(set(owner[assignment == g].tolist()) - {-1}) > 1 for g in set(assignment.tolist()))
+    return {"objects": len(own_tokens), "objects_without_own_token": lost,
+            "own_tokens_per_object_mean": float(np.mean(own_tokens)), "own_tokens_per_object_min": int(min(own_tokens)),
+            "groups_mixing_two_objects": int(mixed)}
+
+
+def count_confusion(model, processor, count: int, seed: int, batch_size: int) -> dict:
+    """Part 2: accuracy and answer -> prediction counts on the count questions, per configuration."""
+    items = [item for item in scenes("heldout", count, seed) if item.qtype == "count"]
+    results = {}
+    for name, method in (("plain", None), ("AIM()", leanvlm.AIM()), ("AIM(prune=False)", leanvlm.AIM(prune=False))):
+        predictions: list[str] = []
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            args = (model, processor, [i.image for i in batch], [i.question for i in batch])
+            if method is None:
+                predictions += score_answers(*args)
+            else:
+                with method.apply(model):
+                    predictions += score_answers(*args)
+        pairs = collections.Counter(f"{i.answer}->{p}" for i, p in zip(items, predictions))
+        accuracy = sum(i.answer == p for i, p in zip(items, predictions)) / len(items)
+        results[name] = {"accuracy": accuracy, "n": len(items), "confusion": dict(sorted(pairs.items()))}
+        print(f"{name:18s} count accuracy {accuracy:.3f}  {dict(sorted(pairs.items()))}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("runs/aim-count.json"))
+    args = parser.parse_args(argv)
+    model, processor = load_real_model()
+    merge = objects_through_merge(model, processor, args.scenes, args.seed, leanvlm.AIM().merge_keep)
+    print("objects through the merge:", merge, flush=True)
+    result = {"scenes": args.scenes, "seed": args.seed, "objects_through_merge": merge,
+              "count_questions": count_confusion(model, processor, args.scenes, args.seed, args.batch_size)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
