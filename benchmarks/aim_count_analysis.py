@@ -2,9 +2,9 @@
 counts does the model confuse with and without it?
 
 Data: held-out scenes (`scenes("heldout", N, seed)`, 2-4 shapes of distinct colours on a pale background).
-1. Objects through the merge (`ops.merge.merge_tokens` on the projector output, AIM's default keep and
-   schedule): per object, the output tokens whose merge group is at least half the object's patches (an
-   object's patches: the 16 x 16 grid cells whose centre lies within 10 px of its centre, radius >= 11 px),
+1. Objects through the merge (`AIM()`'s own pre-LLM stage on the projector output): per object, the
+   output tokens whose merge group is at least half the object's patches (an object's patches: the
+   16 x 16 grid cells whose centre lies within 10 px of its centre, radius >= 11 px),
    objects left with none of their own, and groups that mix two objects.
 2. The count question ("how many shapes are there?") of every scene, closed-set: confusion (answer ->
    prediction) of the plain model, `AIM()` and `AIM(prune=False)`.
@@ -23,27 +23,29 @@ import numpy as np
 import torch
 
 import leanvlm
-from leanvlm.methods.aim import PASS_FRACTION
-from leanvlm.ops.merge import merge_tokens
-from leanvlm.real_model import load_real_model, prepare_inputs, score_answers
+from leanvlm.real_model import load_real_model, prepare_inputs
 from leanvlm.real_model.data import scene_objects, scenes
+from leanvlm.real_model.evaluate import predict
+from leanvlm.runtime.visual import VisualItem
 
 IMAGE_SIZE = 128  # scenes are drawn at 128 x 128 px
 INNER_RADIUS = 10.0  # px: inside every shape (radii 11-18 px)
 COUNT_QUESTION = "how many shapes are there?"
 
 
-def objects_through_merge(model, processor, count: int, seed: int, keep: float) -> dict:
-    """Part 1 over the first `count` held-out scenes of `seed` (the same images `scenes()` draws)."""
+def objects_through_merge(model, processor, count: int, seed: int, method: leanvlm.AIM) -> dict:
+    """Part 1 over the first `count` held-out scenes of `seed` (the same images `scenes()` draws), through
+    the pre-LLM stage of `method`."""
+    (merge,), _ = method.stages()
     own_tokens, lost, mixed = [], 0, 0
     for image, objects in scene_objects("heldout", count, seed):
         inputs = prepare_inputs(processor, [image], [COUNT_QUESTION])
         with torch.no_grad():
             features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
-        assignment = merge_tokens(features.reshape(1, -1, features.shape[-1]), None, keep,
-                                  pass_fraction=PASS_FRACTION).assignment[0].numpy()  # [T]
-        side = round(len(assignment) ** 0.5)
+        features = features[0]  # [T, C] (a list of [T, C] or a [1, T, C] tensor)
+        side = round(features.shape[0] ** 0.5)
+        merged = merge.reduce(VisualItem.from_frames(features[None], (side, side), 0))
+        assignment = merged.groups[0].numpy()  # [T]: the output token each patch ended in
         rows, cols = np.mgrid[0:side, 0:side]
         cell = IMAGE_SIZE / side
         owner = np.full(side * side, -1)
@@ -66,15 +68,7 @@ def count_confusion(model, processor, count: int, seed: int, batch_size: int) ->
     items = [item for item in scenes("heldout", count, seed) if item.qtype == "count"]
     results = {}
     for name, method in (("plain", None), ("AIM()", leanvlm.AIM()), ("AIM(prune=False)", leanvlm.AIM(prune=False))):
-        predictions: list[str] = []
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            args = (model, processor, [i.image for i in batch], [i.question for i in batch])
-            if method is None:
-                predictions += score_answers(*args)
-            else:
-                with method.apply(model):
-                    predictions += score_answers(*args)
+        predictions, _ = predict(model, processor, items, batch_size, method, progress=False)
         pairs = collections.Counter(f"{i.answer}->{p}" for i, p in zip(items, predictions))
         accuracy = sum(i.answer == p for i, p in zip(items, predictions)) / len(items)
         results[name] = {"accuracy": accuracy, "n": len(items), "confusion": dict(sorted(pairs.items()))}
@@ -90,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/aim-count.json"))
     args = parser.parse_args(argv)
     model, processor = load_real_model()
-    merge = objects_through_merge(model, processor, args.scenes, args.seed, leanvlm.AIM().merge_keep)
+    merge = objects_through_merge(model, processor, args.scenes, args.seed, leanvlm.AIM())
     print("objects through the merge:", merge, flush=True)
     result = {"scenes": args.scenes, "seed": args.seed, "objects_through_merge": merge,
               "count_questions": count_confusion(model, processor, args.scenes, args.seed, args.batch_size)}

@@ -37,6 +37,7 @@ Deviations from the published code:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,17 +101,15 @@ class DensityPrune(PreLLMStage):
         if rest.shape[1] and contextual_count:
             # Density peaks are only read on anchor frames (every anchor_step-th frame of a segment): score
             # those alone (each frame is scored on its own, so the values do not change).
-            starts = [sum(lengths[:i]) for i in range(len(lengths))]
+            starts = [0, *itertools.accumulate(lengths)][:-1]  # first frame of each segment
             anchor_frames = torch.tensor([f for start, length in zip(starts, lengths)
                                           for f in range(start, start + length, self.anchor_step)], device=device)
             anchor_scores, _ = density_peak_scores(rest_tokens[anchor_frames], min(self.k, rest.shape[1]))
             scores = anchor_scores.new_zeros(rest.shape)  # [F, n], read on anchor frames only
             scores[anchor_frames] = anchor_scores
-            start = 0
-            for length in lengths:
+            for start, length in zip(starts, lengths):
                 self._segment(rest, rest_tokens, scores, start, length, contextual_count, salient_count, outputs,
                               representative, assignment)
-                start += length
         results = [FrameGroups(torch.cat(outputs[f]), torch.cat(representative[f]), assignment[f])
                    for f in range(len(frames))]
         return rebuild(item, results)

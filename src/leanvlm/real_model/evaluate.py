@@ -20,6 +20,34 @@ from leanvlm.real_model import score_answers
 from leanvlm.real_model.data import VQAItem
 
 
+def predict(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    items: Sequence[VQAItem],
+    batch_size: int = 8,
+    method: Any = None,
+    progress: bool = True,
+) -> tuple[list[str], list[Any]]:
+    """`score_answers` on `items` in batches of `batch_size` (one forward each) -> (one closed-set answer per
+    item, in order; the method's stats object of every batch, [] without a method).
+
+    With `method` (leanvlm's API: `with method.apply(model): ...`, then `method.stats`), every batch runs
+    under the method.
+    """
+    predictions: list[str] = []
+    stats = []
+    for i in tqdm(range(0, len(items), batch_size), desc="evaluate", disable=not progress):
+        batch = items[i:i + batch_size]
+        images, questions = [it.image for it in batch], [it.question for it in batch]
+        if method is None:
+            predictions += score_answers(model, processor, images, questions)
+        else:
+            with method.apply(model):
+                predictions += score_answers(model, processor, images, questions)
+            stats.append(method.stats)
+    return predictions, stats
+
+
 def evaluate(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
@@ -28,28 +56,16 @@ def evaluate(
     method: Any = None,
     progress: bool = True,
 ) -> dict:
-    """Accuracy of `score_answers` on `items`, in batches of `batch_size` (one forward each).
-
-    With `method` (leanvlm's API: `with method.apply(model): ...`, then `method.stats`), every batch runs
-    under the method and its stats object is collected. Returns {"accuracy", "n", "per_type":
-    {qtype: accuracy}, "per_type_n": {qtype: count}, "seconds", and "stats": [per-batch stats] if method}.
+    """Accuracy of `predict` on `items`. Returns {"accuracy", "n", "per_type": {qtype: accuracy},
+    "per_type_n": {qtype: count}, "seconds", and "stats": [per-batch stats] if method}.
     """
     right: dict[str, int] = {}
     count: dict[str, int] = {}
-    stats = []
     start = time.perf_counter()
-    for i in tqdm(range(0, len(items), batch_size), desc="evaluate", disable=not progress):
-        batch = items[i:i + batch_size]
-        images, questions = [it.image for it in batch], [it.question for it in batch]
-        if method is None:
-            predictions = score_answers(model, processor, images, questions)
-        else:
-            with method.apply(model):
-                predictions = score_answers(model, processor, images, questions)
-            stats.append(method.stats)
-        for item, prediction in zip(batch, predictions):
-            count[item.qtype] = count.get(item.qtype, 0) + 1
-            right[item.qtype] = right.get(item.qtype, 0) + int(prediction == item.answer)
+    predictions, stats = predict(model, processor, items, batch_size, method, progress)
+    for item, prediction in zip(items, predictions):
+        count[item.qtype] = count.get(item.qtype, 0) + 1
+        right[item.qtype] = right.get(item.qtype, 0) + int(prediction == item.answer)
     n = sum(count.values())
     result = {
         "accuracy": sum(right.values()) / n if n else float("nan"),
