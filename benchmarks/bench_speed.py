@@ -10,7 +10,10 @@ reported separately) and every method gets the same projector features as `mm_en
 of that one vision forward. What is timed per method is the LLM prefill (incl. the method's own
 reduction code), median of --repeats runs after one warm-up, the methods interleaved round by round (a
 change of load hits all alike), then --new-tokens cached greedy decode steps continuing the last prefill
-(decode tok/s; "decode speedup" = vs the plain model: the reduced KV cache).
+(decode tok/s; "decode speedup" = vs the plain model: the reduced KV cache; "hooks ms / new token": the
+method's runtime hooks in those steps). "GEMM rate vs plain": the matmul rate (GFLOP/s) of the MLP's shape at
+the row's mean tokens per layer over the rate at the plain prompt's length, timed after the prefills: how
+much of the speedup / FLOPs gap is the hardware running smaller matmuls less efficiently.
 
 Also, unless --no-e2e / --batches none: end-to-end time to first token (the frames' image processor on
 PIL frames + vision tower + projector + the method + LLM prefill + the first token, one run each, for
@@ -174,6 +177,26 @@ class PeakRSS:
         self.peak_mb = (self.peak - self.start) / 2**20
 
 
+@torch.no_grad()
+def gemm_rates(model, token_counts: list[int], rounds: int = 5) -> dict[int, float]:
+    """GFLOP/s of the LLM's MLP up-projection (a [T, hidden] x [hidden, intermediate] matmul, most of a
+    prefill's FLOPs) at each token count T, best of `rounds` interleaved rounds. rate(T) / rate(the plain
+    prompt's T) is about the speedup / FLOPs a prefill made of such GEMMs would reach at T tokens a layer."""
+    text = model.config.text_config
+    device, dtype = model.device, model.dtype
+    weight = torch.randn(text.intermediate_size, text.hidden_size, device=device, dtype=dtype)
+    inputs = {t: torch.randn(max(t, 1), text.hidden_size, device=device, dtype=dtype) for t in token_counts}
+    best = {t: float("inf") for t in inputs}
+    for _ in range(rounds + 1):  # the first round warms up
+        for t, x in inputs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, weight)
+            synchronize(device)
+            best[t] = min(best[t], time.perf_counter() - start)
+    return {t: 2 * x.shape[0] * text.hidden_size * text.intermediate_size / best[t] / 1e9 for t, x in inputs.items()}
+
+
 def kv_cache_bytes(cache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                for layer in cache.layers)
@@ -335,9 +358,14 @@ def measure_interleaved(model, workload: Workload, chosen: dict[str, leanvlm.Met
                 else:
                     times[name].append(elapsed)
                 if run == repeats:
+                    # decode steps add their hooks' time to stats.reduction_seconds: read the prefill's first
+                    stats = method.stats if method is not None else None
+                    prefill_reduction = stats.reduction_seconds if stats is not None else 0.0
+                    decode_s = greedy_decode_seconds(model, out, new_tokens)
                     last[name] = {"cache_bytes": kv_cache_bytes(cache_of(out)), "peak_mb": peak_mb[name],
-                                  "stats": method.stats if method is not None else None,
-                                  "decode_s": greedy_decode_seconds(model, out, new_tokens)}
+                                  "stats": stats, "reduction_s": prefill_reduction, "decode_s": decode_s,
+                                  "decode_reduction_s": (stats.reduction_seconds if stats is not None else 0.0)
+                                  - prefill_reduction}
                 del out
             finally:
                 if applied is not None:
@@ -357,12 +385,14 @@ def _row(model, workload: Workload, name: str, method, times: list[float], last:
         "decode_tokens_per_s": new_tokens / last["decode_s"],
         "peak_rss_mb": last["peak_mb"], "kv_cache_mb": last["cache_bytes"] / 2**20,
         "tokens_in": int(workload.input_ids.shape[1]),
+        # the method's hooks during the decode steps, per step (the runtime's cost on every new token)
+        "decode_reduction_ms_per_token": 1000 * last["decode_reduction_s"] / new_tokens,
     }
     if stats is not None:
         sample = stats.samples[0]
         row.update(visual_into_llm=sample.visual_into_llm, mean_tokens_per_layer=sum(sample.layer_tokens) / layers,
-                   flops_ratio=stats.flops_ratio, reduction_s=stats.reduction_seconds,
-                   reduction_share=stats.reduction_seconds / prefill)
+                   flops_ratio=stats.flops_ratio, reduction_s=last["reduction_s"],
+                   reduction_share=last["reduction_s"] / prefill)
     else:
         row.update(visual_into_llm=None, mean_tokens_per_layer=float(workload.input_ids.shape[1]), flops_ratio=1.0,
                    reduction_s=0.0, reduction_share=0.0)
@@ -422,9 +452,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             chosen = {k: v for k, v in candidates.items() if args.methods is None or k in args.methods}
             task = progress.add_task(f"{workload_name} ({workload.input_ids.shape[1]} tokens, {len(chosen)} methods "
                                      f"interleaved)", total=(args.repeats + 1) * len(chosen))
-            for row in measure_interleaved(model, workload, chosen, args.repeats, args.new_tokens, capture,
-                                           on_step=lambda: progress.advance(task)):
+            measured = measure_interleaved(model, workload, chosen, args.repeats, args.new_tokens, capture,
+                                           on_step=lambda: progress.advance(task))
+            # after the timed prefills: the GEMM rate at each row's mean tokens per layer vs the whole prompt's
+            rates = gemm_rates(model, [workload.input_ids.shape[1]] + [round(r["mean_tokens_per_layer"]) for r in measured])
+            for row in measured:
                 row["vision_s"] = workload.vision_seconds
+                row["gemm_rate_vs_plain"] = rates[round(row["mean_tokens_per_layer"])] / rates[workload.input_ids.shape[1]]
                 rows.append(row)
             if not args.no_e2e:
                 for name in args.e2e_methods:  # interleaved per workload: the load hits each alike
@@ -460,14 +494,16 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, console,
                                                        "throughput": throughput}, indent=1))
     memory = "peak GPU MB" if cuda else "peak RSS MB"
     header = ("| workload | method | tokens into LLM (mean/layer) | prefill s | speedup | FLOPs ratio | speedup / FLOPs "
-              f"| reduction % | decode tok/s | decode speedup | {memory} | KV cache MB |")
+              f"| GEMM rate vs plain | reduction % | decode tok/s | decode speedup | hooks ms / new token | {memory} "
+              "| KV cache MB |")
     lines = [f"Command: `{meta['command']}` (torch {meta['torch']}, {meta['device']}, {meta['threads']} threads, "
-             f"{meta['date']}, load average {meta['load_average'][0]:.1f} at the end)", "", header, "|" + "---|" * 12]
+             f"{meta['date']}, load average {meta['load_average'][0]:.1f} at the end)", "", header, "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r['workload']} | {r['method']} | {r['mean_tokens_per_layer']:.0f} | {r['prefill_s']:.2f} "
                      f"| {r.get('speedup', float('nan')):.2f}x | {r['flops_ratio']:.2f}x | {r.get('speedup_vs_flops', float('nan')):.2f} "
+                     f"| {r['gemm_rate_vs_plain']:.2f} "
                      f"| {100 * r['reduction_share']:.1f} | {r['decode_tokens_per_s']:.1f} | {r.get('decode_speedup', float('nan')):.2f}x "
-                     f"| {r['peak_rss_mb']:.0f} | {r['kv_cache_mb']:.1f} |")
+                     f"| {r['decode_reduction_ms_per_token']:.2f} | {r['peak_rss_mb']:.0f} | {r['kv_cache_mb']:.1f} |")
     if e2e:
         lines += ["", f"End-to-end time to first token (processor + vision tower + method + prefill + first token, one run):", "",
                   "| workload | method | TTFT s | of which processor s | speedup |", "|---|---|---|---|---|"]

@@ -32,7 +32,9 @@ from leanvlm.real_model.data import fresh_easyvqa, scenes
 def answers_for_image(model, processor, image, questions: list[str], keep: float, proportional: bool) -> list[str]:
     """Closed-set answers to every question about one image, the image merged once to `keep`."""
     config = model.config
-    pixels = prepare_inputs(processor, [image], [questions[0]])["pixel_values"].to(model.dtype)
+    # every question's prompt in one call: the image goes through the image processor once
+    inputs = prepare_inputs(processor, [image] * len(questions), questions)
+    pixels = inputs["pixel_values"][:1].to(model.dtype)
     encoded = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
                                              vision_feature_select_strategy=config.vision_feature_select_strategy,
                                              return_dict=True)
@@ -42,8 +44,8 @@ def answers_for_image(model, processor, image, questions: list[str], keep: float
     embed = model.get_input_embeddings()
     candidates = answer_token_ids(processor)
     out = []
-    for question in questions:
-        ids = prepare_inputs(processor, [image], [question])["input_ids"][0]  # [L], 256 image placeholders
+    for row in range(len(questions)):
+        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]  # [L] unpadded, 256 image placeholders
         visual = (ids == config.image_token_id).nonzero().squeeze(1)
         start, end = int(visual[0]), int(visual[-1]) + 1
         embeds = torch.cat([embed(ids[:start]), merged.tokens[0].to(embed.weight.dtype), embed(ids[end:])])[None]

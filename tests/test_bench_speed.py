@@ -37,3 +37,24 @@ def test_mixed_batch_left_padded_with_whole_visual_span():
     assert bool(mask[:, -1].all())  # left padded: every row ends with a real token
     assert ((input_ids == bench.IMAGE_TOKEN).sum(1) == 36).all()
     assert (input_ids[mask == 0] == 7).all()
+
+
+def test_reduction_share_is_the_prefills_and_decode_hooks_are_reported_apart():
+    """The decode steps after the last prefill add their hooks' time to the same stats object: the row's
+    reduction seconds must be the prefill's alone, the decode's per new token reported apart."""
+    bench = load_bench()
+    torch.manual_seed(0)
+    model = bench.build_model(tiny=True)
+    from leanvlm.models import get_adapter
+
+    capture = get_adapter(model).install_vision_probe()
+    workload = bench.build_workload(model, "video-2f", 2, 2, 4)
+    capture.remove()
+    import leanvlm
+
+    method = leanvlm.AIM()
+    row, = bench.measure_interleaved(model, workload, {"aim": method}, repeats=1, new_tokens=6, capture=capture)
+    decode_seconds = row["decode_reduction_ms_per_token"] * 6 / 1000
+    assert row["reduction_s"] > 0 and decode_seconds > 0
+    assert abs(row["reduction_s"] + decode_seconds - method.stats.reduction_seconds) < 1e-9
+    assert row["reduction_share"] == row["reduction_s"] / row["prefill_s"]

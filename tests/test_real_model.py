@@ -135,3 +135,28 @@ def test_demo_answers_right_with_aim(real_model):
     with leanvlm.AIM().apply(model):
         got = answer(model, processor, picture, question)
     assert got == expected
+
+
+def test_prepare_inputs_processes_a_repeated_image_once_and_equals_the_processor(real_model, test_items, monkeypatch):
+    """Several questions about one image (evaluation's batches): the image processor runs once per distinct
+    image, and the batch equals the processor's own call on every row (ids, mask and pixels)."""
+    _, processor = real_model
+    images = [test_items[0].image, test_items[0].image, test_items[20].image, test_items[0].image, test_items[20].image]
+    questions = ["what color is the shape?", "is there a circle?", "what shape is this?", "is it red?",
+                 "does the image contain a triangle?"]
+    reference = processor(images=images, text=[build_prompt(processor, q) for q in questions], padding=True,
+                          return_tensors="pt")
+    calls = []
+    cls = type(processor.image_processor)
+    original = cls.__call__
+
+    def counted(self, images, *args, **kwargs):
+        calls.append(len(images))
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", counted)
+    ours = prepare_inputs(processor, images, questions)
+    assert calls == [2]
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(ours[key], reference[key]), key

@@ -85,14 +85,16 @@ Predictor = Callable[[list[Any], list[int]], list[str]]
 
 
 def make_predictor(loaded: LoadedModel, mode: str = "auto", max_new_tokens: int = 8,
-                   shared_prefix: bool = False) -> tuple[Predictor, str]:
+                   shared_prefix: bool = False,
+                   on_inputs: Callable[[dict[str, torch.Tensor]], None] | None = None) -> tuple[Predictor, str]:
     """(predict(items, group ids) -> answers, mode name). Rows with the same group id ask about one image.
 
     "closed" (default for the bundled models): one forward pass per batch, the last position's logits
     restricted to the first token of each answer of the closed answer set (`real_model.ANSWERS`; for clips
     `clips.CLIP_ANSWERS`), as the bundled models' own metrics are measured; with `shared_prefix` (the plain model only) each image's
-    prompt prefix is computed once for its questions (`batching.shared_prefix_last_logits`). "generate"
-    (default for other models): greedy generation of up to max_new_tokens, scored by `is_correct`.
+    prompt prefix is computed once for its questions (`batching.shared_prefix_last_logits`); on_inputs(inputs)
+    sees every batch's model inputs (input_ids / attention_mask [B, T], ...). "generate" (default for other
+    models): greedy generation of up to max_new_tokens, scored by `is_correct`.
     """
     if mode == "auto":
         mode = "closed" if loaded.bundled else "generate"
@@ -119,6 +121,8 @@ def make_predictor(loaded: LoadedModel, mode: str = "auto", max_new_tokens: int 
                 answers, candidates = ANSWERS, answer_token_ids(processor)
                 inputs = prepare_inputs(processor, [it.image for it in items], questions).to(model.device)
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            if on_inputs is not None:
+                on_inputs(inputs)
             logits = shared_prefix_last_logits(model, inputs, groups, visual_ids) if shared_prefix else None
             if logits is None:
                 logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # [B, vocab]
@@ -232,9 +236,16 @@ def run_items(
     # clips share the vision tower's work (their frames repeat row by row) but not the prompt prefix, which
     # is computed for one image per prompt
     shared_prefix = share_images and not video and method is None and resolved == "closed"
-    predict, mode = make_predictor(loaded, mode, max_new_tokens, shared_prefix=shared_prefix)
+    samples: list[SampleStats] = []
+
+    def record_plain_stats(inputs: dict[str, torch.Tensor]) -> None:
+        # no method applied: the plain model's stats from the prompts' token counts
+        samples.extend(plain_sample_stats(loaded.model, inputs["input_ids"], inputs["attention_mask"]))
+
+    predict, mode = make_predictor(loaded, mode, max_new_tokens, shared_prefix=shared_prefix,
+                                   on_inputs=record_plain_stats if shared_prefix else None)
     if mode == "closed":
-        from leanvlm.real_model import ANSWERS, prepare_inputs
+        from leanvlm.real_model import ANSWERS
         from leanvlm.real_model.clips import CLIP_ANSWERS
 
         closed_set = CLIP_ANSWERS if video else ANSWERS
@@ -252,7 +263,6 @@ def run_items(
         groups = [[index] for index in range(len(items))]
     predictions: list[str] = [""] * len(items)
     correct, done = 0, 0
-    samples: list[SampleStats] = []
     own = progress is None
     bar = progress_bar() if own else (progress or None)
     start = time.perf_counter()
@@ -263,9 +273,6 @@ def run_items(
         for batch in plan_batches(groups, batch_size):
             batch_items = [items[i] for i in batch]
             answers = predict(batch_items, [group_of[i] for i in batch])
-            if shared_prefix:  # no method applied: the plain model's stats from the prompts' token counts
-                inputs = prepare_inputs(loaded.processor, [it.image for it in batch_items], [it.question for it in batch_items])
-                samples.extend(plain_sample_stats(loaded.model, inputs["input_ids"], inputs["attention_mask"]))
             right = 0
             for index, answer in zip(batch, answers, strict=True):
                 predictions[index] = answer

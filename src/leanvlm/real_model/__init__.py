@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import BatchFeature, LlavaForConditionalGeneration, LlavaProcessor
 
 from leanvlm.real_model.data import COUNTS
 
@@ -62,11 +62,37 @@ def build_prompt(processor: LlavaProcessor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def prepare_inputs(processor: LlavaProcessor, images: Sequence[Image.Image], questions: Sequence[str]):
-    """Batched model inputs (left padded): input_ids/attention_mask [B, T], pixel_values [B, 3, 224, 224]."""
+def prepare_inputs(processor: LlavaProcessor, images: Sequence[Image.Image], questions: Sequence[str]) -> BatchFeature:
+    """Batched model inputs (left padded): input_ids/attention_mask [B, T], pixel_values [B, 3, 224, 224].
+
+    An image that `images` repeats (the same object: several questions about one image, as evaluation
+    batches them) goes through the image processor once; its pixel rows are copied. The result equals the
+    processor's own on the whole batch (tests/test_real_model.py).
+    """
     processor.tokenizer.padding_side = "left"
     prompts = [build_prompt(processor, q) for q in questions]
-    return processor(images=list(images), text=prompts, padding=True, return_tensors="pt")
+    images = list(images)
+    first_row: dict[int, int] = {}
+    for row, image in enumerate(images):
+        first_row.setdefault(id(image), row)
+    if len(first_row) == len(images):
+        return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    distinct = list(first_row.values())  # [G] first row of each distinct image
+    once = processor(images=[images[r] for r in distinct], text=[prompts[r] for r in distinct], padding=True,
+                     return_tensors="pt")
+    # every prompt tokenised with its placeholder expanded as the processor expanded it (one fixed count:
+    # every image is resized to 224 px); kept only if it reproduces the processor's rows of the distinct images
+    placeholder = processor.image_token
+    count = int((once["input_ids"][0] == processor.image_token_id).sum())
+    text = processor.tokenizer([p.replace(placeholder, placeholder * count) for p in prompts], padding=True,
+                               return_tensors="pt")
+    if text.keys() != once.keys() - {"pixel_values"} or any(
+            not torch.equal(text["input_ids"][r][text["attention_mask"][r].bool()],
+                            once["input_ids"][g][once["attention_mask"][g].bool()]) for g, r in enumerate(distinct)):
+        return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    position = {id(images[r]): g for g, r in enumerate(distinct)}
+    pick = torch.tensor([position[id(image)] for image in images])  # [B] index into the distinct images
+    return BatchFeature({**text, "pixel_values": once["pixel_values"][pick]})
 
 
 def answer_token_ids(processor: LlavaProcessor) -> list[int]:
