@@ -58,3 +58,17 @@ def test_reduction_share_is_the_prefills_and_decode_hooks_are_reported_apart():
     assert row["reduction_s"] > 0 and decode_seconds > 0
     assert abs(row["reduction_s"] + decode_seconds - method.stats.reduction_seconds) < 1e-9
     assert row["reduction_share"] == row["reduction_s"] / row["prefill_s"]
+
+
+def test_tiny_run_writes_table_json_and_plot(tmp_path):
+    """The whole benchmark on a tiny config: every row has its speedup, GEMM rate and reduction share, and
+    the table, JSON and plot are written."""
+    bench = load_bench()
+    rows = bench.main(["--tiny", "--frames", "8", "--no-image", "--methods", "none", "aim", "itp", "--repeats", "1",
+                       "--new-tokens", "2", "--budget", "0.75", "--no-e2e", "--batches", "none", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["none", "aim", "itp"]
+    for row in rows:
+        assert row["speedup"] > 0 and row["gemm_rate_vs_plain"] > 0 and 0 <= row["reduction_share"] < 1
+    assert rows[0]["gemm_rate_vs_plain"] == 1.0 and rows[1]["flops_ratio"] > 1
+    assert {p.name for p in tmp_path.iterdir()} == {"speed-tiny.md", "speed-tiny.json", "speed-tiny.png"}
+    assert "GEMM rate vs plain" in (tmp_path / "speed-tiny.md").read_text()

@@ -130,6 +130,27 @@ def test_eval_json(tiny_dir, vqa_dir, tmp_path):
     assert plain["n"] == 6 and plain["flops_ratio"] == 1 and plain["visual_tokens"] == 16
 
 
+def test_eval_default_batch_size_is_64_for_the_bundled_model_and_32_for_others(tiny_dir, vqa_dir, monkeypatch):
+    import leanvlm.cli as cli
+    import leanvlm.cli.eval as cli_eval
+
+    seen = []
+
+    def evaluate(loaded, items, method, batch_size, **kwargs):
+        seen.append(batch_size)
+        raise cli.CLIError("stop here")
+
+    monkeypatch.setattr(cli_eval, "evaluate", evaluate)
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: None)  # only evaluate (stopped) would read it
+    for model, expected in ((None, 64), (tiny_dir, 32)):
+        result = runner.invoke(app, ["eval", "--dataset", vqa_dir, "--method", "none"]
+                               + ([] if model is None else ["--model", model]))
+        assert result.exit_code == 2 and "stop here" in result.output
+        assert seen.pop() == expected
+    runner.invoke(app, ["eval", "--dataset", vqa_dir, "--method", "none", "--batch-size", "5"])
+    assert seen == [5]
+
+
 def test_eval_unknown_dataset(tiny_dir):
     result = runner.invoke(app, ["eval", "--dataset", "/no/such/dir", "--model", tiny_dir])
     assert result.exit_code == 2 and "unknown dataset" in result.output

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from leanvlm import AIM
-from leanvlm.cli.batching import SharedVisionEncoding, group_by_image, plan_batches, shared_prefix_last_logits
+from leanvlm.cli.batching import (SharedVisionEncoding, group_by_image, length_buckets, plan_batches,
+                                  shared_prefix_last_logits)
 from leanvlm.cli.common import LoadedModel
 from leanvlm.cli.eval import evaluate, evaluate_processes, load_items, vision_tower
 from leanvlm.hub import build_inputs
@@ -133,3 +134,52 @@ def test_bundled_model_batched_equals_one_by_one():
         assert batched["predictions"] == alone["predictions"]
         assert batched["visual_tokens"] == pytest.approx(alone["visual_tokens"])
         assert batched["flops_ratio"] == pytest.approx(alone["flops_ratio"])
+
+
+def test_length_buckets_minimise_padding_plus_forward_cost():
+    # one long row among short ones: alone in its bucket once the padding it saves exceeds a forward's cost
+    assert length_buckets([5, 5, 5, 40], forward_cost=10) == [[0, 1, 2], [3]]
+    assert length_buckets([5, 5, 5, 40], forward_cost=200) == [[0, 1, 2, 3]]
+    # rows of one length are never split, and every row is in exactly one bucket
+    buckets = length_buckets([3, 9, 3, 9, 3, 20, 9], forward_cost=1)
+    assert buckets == [[0, 2, 4], [1, 3, 6], [5]]
+    assert length_buckets([7], forward_cost=0) == [[0]]
+
+
+def test_shared_prefix_in_length_buckets_equals_one_by_one(monkeypatch):
+    """Suffixes of very different lengths run as several bucketed forwards, each on its own copy of the
+    prefix cache: the same logits as every question alone."""
+    import leanvlm.cli.batching as batching
+
+    model, processor = tiny_llava("llama", "sdpa"), tiny_processor()
+    questions = ["what ?", "what color is the big shape in the middle of this picture , and is it red ?", "is it ?",
+                 "how many shapes are there in the picture , counting every circle and square ?", "shape ?"]
+    images = [picture(0)] * 3 + [picture(1)] * 2
+    inputs = build_inputs(processor, [("image", im) for im in images], questions)
+    seen = []
+    original = batching._suffix_logits
+    monkeypatch.setattr(batching, "_suffix_logits", lambda model, suffixes, *a: seen.append(len(suffixes)) or
+                        original(model, suffixes, *a))
+    got = batching.shared_prefix_last_logits(model, inputs, [0, 0, 0, 1, 1], get_adapter(model).visual_token_ids,
+                                             forward_cost=1)
+    with torch.no_grad():
+        alone = torch.cat([model(**build_inputs(processor, [("image", im)], [q]), logits_to_keep=1).logits[:, -1]
+                           for im, q in zip(images, questions)])
+    assert len(seen) >= 2 and sum(seen) == 5
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_when_one_group_shares_more_than_the_image():
+    """A group whose questions also share their first words has a longer common prefix than the others: the
+    batch still runs on the shortest shared prefix (no whole-batch fallback) and equals one by one."""
+    model, processor = tiny_llava("llama", "sdpa"), tiny_processor()
+    questions = ["is there a red shape ?", "is there a blue circle ?", "is there a square ?", "what is the shape ?",
+                 "how many shapes are there ?"]
+    images = [picture(0)] * 3 + [picture(1)] * 2
+    inputs = build_inputs(processor, [("image", im) for im in images], questions)
+    got = shared_prefix_last_logits(model, inputs, [0, 0, 0, 1, 1], get_adapter(model).visual_token_ids)
+    with torch.no_grad():
+        alone = torch.cat([model(**build_inputs(processor, [("image", im)], [q]), logits_to_keep=1).logits[:, -1]
+                           for im, q in zip(images, questions)])
+    assert got is not None
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)

@@ -21,6 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from leanvlm.cli.common import (
+    BUNDLED_NAMES,
     CLIError,
     build_method,
     check_at_least,
@@ -228,7 +229,7 @@ def eval_command(
     keep: Optional[float] = KeepOpt,
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Evaluate the first N items."),
     split: str = typer.Option("test", "--split", help="Dataset split (easyvqa, scenes)."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Questions per batch (whole image groups; a larger group is one batch)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Questions per batch (whole image groups; a larger group is one batch). Default: 64 for the bundled models, 32 for others."),
     mode: str = typer.Option("auto", "--mode", help="closed (bundled model: closed answer set, one forward), generate, or auto."),
     processes: int = typer.Option(1, "--processes", "-p", help="Local processes to shard the items over (results gathered)."),
     model: Optional[str] = ModelOpt,
@@ -247,11 +248,15 @@ def eval_command(
     check_at_least("--batch-size", batch_size)
     check_at_least("--processes", processes)
     check_output_file(json_path, "--json")
+    if batch_size is None:
+        # the bundled 135M models batch cheaply (64: 6-11% faster than 32 on easy-VQA, 2 processes); a large
+        # model's KV cache for 64 prompts would not fit most accelerators
+        batch_size = 64 if model in BUNDLED_NAMES else 32
     chosen = build_method(method, opt, keep)
     if processes > 1:
         result = evaluate_processes(dataset, limit, split, model, chosen, processes, batch_size, mode, device=device,
                                     dtype=dtype, description=f"{method} on {dataset}")
-        name = "bundled real model" if model in (None, "", "bundled", "real") else model
+        name = "bundled real model" if model in BUNDLED_NAMES else model
     else:
         items = load_items(dataset, limit, split)
         loaded = load_model(model, device, dtype, video=is_video(items[0]))

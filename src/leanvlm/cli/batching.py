@@ -8,12 +8,13 @@ the plain model's prompt prefix (system turn + image tokens) computed once for a
   vision-tower signals; those that do read the tower's internals row by row).
 - `shared_prefix_last_logits`: the plain model's last-position logits for a left-padded batch, computing the
   common prefix of each image group's prompts once (KV cache, `Cache.batch_select_indices` to give each
-  question its image's rows) and then only each question's own tokens. Equal to the
-  one-by-one forward up to float rounding (tests/test_eval_batching.py).
+  question its image's rows) and then only each question's own tokens, rows of similar length together (less
+  padding). Equal to the one-by-one forward up to float rounding (tests/test_eval_batching.py).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,10 @@ import torch
 from torch import nn
 
 from leanvlm.compat import cache_keyword, cache_of
+
+#: what one more suffix forward costs, in padded tokens: the fixed cost of a forward plus the lower matmul
+#: efficiency of a few short rows (a guess for small LLMs on CPU; only where the suffix is split depends on it)
+FORWARD_COST_TOKENS = 64
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -146,15 +151,17 @@ def shared_prefix_last_logits(
     inputs: dict[str, Any],
     group_ids: Sequence[int],
     visual_token_ids: Sequence[int],
+    forward_cost: int = FORWARD_COST_TOKENS,
 ) -> torch.Tensor | None:
     """Last-position logits [B, V] of the plain model on a left-padded batch (input_ids / attention_mask
     [B, T], pixel_values [B, ...] one image per row), computing each group's common prompt prefix once.
 
     group_ids [B]: rows with the same id ask about the same image. Each group's prefix (the longest common
     prefix of its rows' unpadded ids, at least one own token left per row) runs as one row of a prefix
-    batch [G, P] with its image, then every row's remaining tokens [B, S] (padded before them) run on the
-    prefix's KV cache. All groups must share one prefix length P, and every visual token must be inside
-    the prefix; None when that does not hold (the caller runs the whole batch instead).
+    batch [G, P] with its image, then every row's remaining tokens run on the prefix's KV cache, in buckets
+    of similar length (`length_buckets` with `forward_cost`; each [R, S] padded before the tokens to its
+    longest row). All groups use one prefix length P, the shortest group's common prefix; every visual
+    token must be inside it, None when that does not hold (the caller runs the whole batch instead).
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     rows = [ids[b][mask[b].bool()] for b in range(ids.shape[0])]
@@ -162,18 +169,15 @@ def shared_prefix_last_logits(
     for b, group in enumerate(group_ids):
         order.setdefault(group, []).append(b)
     members = list(order.values())
+    # one prefix length for all groups: the shortest group's (a group whose questions also share their first
+    # words has a longer common prefix; its first P tokens are still common to its rows)
+    prefix_length = min(min(_common_prefix([rows[b] for b in group]), min(rows[b].numel() for b in group) - 1)
+                        for group in members)
     visual = torch.tensor(list(visual_token_ids), device=ids.device)
-    lengths = set()
-    for group in members:
-        prefix = min(_common_prefix([rows[b] for b in group]), min(rows[b].numel() for b in group) - 1)
-        for b in group:
-            where = torch.isin(rows[b], visual).nonzero()
-            if where.numel() and int(where[-1, 0]) >= prefix:
-                return None
-        lengths.add(prefix)
-    if len(lengths) != 1:
-        return None
-    prefix_length = lengths.pop()
+    for row in rows:
+        where = torch.isin(row, visual).nonzero()
+        if where.numel() and int(where[-1, 0]) >= prefix_length:
+            return None
     firsts = [group[0] for group in members]
     keyword = cache_keyword(model.forward)
     pixels = inputs["pixel_values"][firsts]
@@ -184,21 +188,61 @@ def shared_prefix_last_logits(
     group_row = torch.empty(ids.shape[0], dtype=torch.long)
     for position, group in enumerate(members):
         group_row[group] = position
-    cache.batch_select_indices(group_row.to(ids.device))
     suffixes = [rows[b][prefix_length:] for b in range(ids.shape[0])]
-    width = max(s.numel() for s in suffixes)
     pad = model.config.get_text_config().pad_token_id
     pad = 0 if pad is None else pad
-    suffix_ids = torch.full((ids.shape[0], width), pad, dtype=ids.dtype, device=ids.device)
-    suffix_mask = torch.zeros((ids.shape[0], prefix_length + width), dtype=mask.dtype, device=ids.device)
+    buckets = length_buckets([s.numel() for s in suffixes], forward_cost)
+    logits: list[torch.Tensor | None] = [None] * ids.shape[0]
+    for number, bucket in enumerate(buckets):
+        # each bucket reads its rows' prefixes from its own copy of the prefix cache (the last one takes it)
+        rows_cache = cache if number == len(buckets) - 1 else copy.deepcopy(cache)
+        rows_cache.batch_select_indices(group_row[bucket].to(ids.device))
+        for b, row_logits in zip(bucket, _suffix_logits(model, [suffixes[b] for b in bucket], rows_cache, keyword,
+                                                        prefix_length, pad, mask.dtype)):
+            logits[b] = row_logits
+    return torch.stack(logits)  # type: ignore[arg-type]
+
+
+def length_buckets(lengths: Sequence[int], forward_cost: int = FORWARD_COST_TOKENS) -> list[list[int]]:
+    """Rows (indices into `lengths`) split into buckets of similar length, each bucket one suffix forward
+    padded to its longest row: the split minimising padded tokens + `forward_cost` tokens per forward
+    (dynamic programme over the rows sorted by length). Equal lengths never split."""
+    order = sorted(range(len(lengths)), key=lambda b: lengths[b])
+    sorted_lengths = [lengths[b] for b in order]
+    best = [0.0] + [float("inf")] * len(order)  # best[j]: cost of the j shortest rows
+    start = [0] * (len(order) + 1)  # start[j]: first row of the last bucket in that best split
+    for j in range(1, len(order) + 1):
+        if j < len(order) and sorted_lengths[j] == sorted_lengths[j - 1]:
+            continue  # a bucket never ends between two rows of one length
+        for i in range(j):
+            if best[i] == float("inf"):  # i splits a length
+                continue
+            cost = best[i] + (j - i) * sorted_lengths[j - 1] + forward_cost
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    buckets, j = [], len(order)
+    while j:
+        buckets.append(order[start[j]:j])
+        j = start[j]
+    return buckets[::-1]
+
+
+def _suffix_logits(model: nn.Module, suffixes: Sequence[torch.Tensor], cache: Any, keyword: str, prefix_length: int,
+                   pad: int, mask_dtype: torch.dtype) -> torch.Tensor:
+    """Last-position logits [R, V] of R rows' own tokens (suffixes, 1-D id tensors) on a cache holding
+    each row's prefix of `prefix_length` tokens."""
+    device = suffixes[0].device
+    width = max(s.numel() for s in suffixes)
+    suffix_ids = torch.full((len(suffixes), width), pad, dtype=suffixes[0].dtype, device=device)
+    suffix_mask = torch.zeros((len(suffixes), prefix_length + width), dtype=mask_dtype, device=device)
     suffix_mask[:, :prefix_length] = 1
-    positions = torch.empty((ids.shape[0], width), dtype=torch.long, device=ids.device)
+    positions = torch.empty((len(suffixes), width), dtype=torch.long, device=device)
     for b, suffix in enumerate(suffixes):
         # padded between the prefix and the row's own tokens (masked out), so every row ends at the last
         # column and only that position's logits are computed; real tokens continue from position P
         gap = width - suffix.numel()
         suffix_ids[b, gap:] = suffix
         suffix_mask[b, prefix_length + gap:] = 1
-        positions[b] = torch.arange(prefix_length - gap, prefix_length + suffix.numel(), device=ids.device)
+        positions[b] = torch.arange(prefix_length - gap, prefix_length + suffix.numel(), device=device)
     return model(input_ids=suffix_ids, attention_mask=suffix_mask, position_ids=positions.clamp(min=0),
                  **{keyword: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
