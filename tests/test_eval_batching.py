@@ -26,6 +26,13 @@ def picture(seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, size=(32, 32, 3), dtype=np.uint8))
 
 
+def one_by_one_logits(model, processor, images, questions) -> torch.Tensor:
+    """[B, V] last-position logits of every (image, question) run alone: what the shared paths must equal."""
+    with torch.no_grad():
+        return torch.cat([model(**build_inputs(processor, [("image", im)], [q]), logits_to_keep=1).logits[:, -1]
+                          for im, q in zip(images, questions)])
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return save_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"))
@@ -57,9 +64,7 @@ def test_shared_prefix_equals_one_by_one(attn):
     images = [picture(0)] * 3 + [picture(1)] * 2
     inputs = build_inputs(processor, [("image", im) for im in images], QUESTIONS)
     got = shared_prefix_last_logits(model, inputs, [0, 0, 0, 1, 1], get_adapter(model).visual_token_ids)
-    with torch.no_grad():
-        alone = torch.cat([model(**build_inputs(processor, [("image", im)], [q]), logits_to_keep=1).logits[:, -1]
-                           for im, q in zip(images, QUESTIONS)])
+    alone = one_by_one_logits(model, processor, images, QUESTIONS)
     assert got is not None and got.shape == alone.shape
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
 
@@ -162,9 +167,7 @@ def test_shared_prefix_in_length_buckets_equals_one_by_one(monkeypatch):
                         original(model, suffixes, *a))
     got = batching.shared_prefix_last_logits(model, inputs, [0, 0, 0, 1, 1], get_adapter(model).visual_token_ids,
                                              forward_cost=1)
-    with torch.no_grad():
-        alone = torch.cat([model(**build_inputs(processor, [("image", im)], [q]), logits_to_keep=1).logits[:, -1]
-                           for im, q in zip(images, questions)])
+    alone = one_by_one_logits(model, processor, images, questions)
     assert len(seen) >= 2 and sum(seen) == 5
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
 
@@ -178,8 +181,6 @@ def test_shared_prefix_when_one_group_shares_more_than_the_image():
     images = [picture(0)] * 3 + [picture(1)] * 2
     inputs = build_inputs(processor, [("image", im) for im in images], questions)
     got = shared_prefix_last_logits(model, inputs, [0, 0, 0, 1, 1], get_adapter(model).visual_token_ids)
-    with torch.no_grad():
-        alone = torch.cat([model(**build_inputs(processor, [("image", im)], [q]), logits_to_keep=1).logits[:, -1]
-                           for im, q in zip(images, questions)])
+    alone = one_by_one_logits(model, processor, images, questions)
     assert got is not None
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
