@@ -72,11 +72,15 @@ def prepare_inputs(processor: LlavaProcessor, images: Sequence[Image.Image], que
     processor.tokenizer.padding_side = "left"
     prompts = [build_prompt(processor, q) for q in questions]
     images = list(images)
-    first_row: dict[int, int] = {}
+
+    def whole_batch() -> BatchFeature:
+        return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+
+    first_row: dict[int, int] = {}  # id(image) -> its first row, in first-seen order
     for row, image in enumerate(images):
         first_row.setdefault(id(image), row)
     if len(first_row) == len(images):
-        return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        return whole_batch()
     distinct = list(first_row.values())  # [G] first row of each distinct image
     once = processor(images=[images[r] for r in distinct], text=[prompts[r] for r in distinct], padding=True,
                      return_tensors="pt")
@@ -89,9 +93,9 @@ def prepare_inputs(processor: LlavaProcessor, images: Sequence[Image.Image], que
     if text.keys() != once.keys() - {"pixel_values"} or any(
             not torch.equal(text["input_ids"][r][text["attention_mask"][r].bool()],
                             once["input_ids"][g][once["attention_mask"][g].bool()]) for g, r in enumerate(distinct)):
-        return processor(images=images, text=prompts, padding=True, return_tensors="pt")
-    position = {id(images[r]): g for g, r in enumerate(distinct)}
-    pick = torch.tensor([position[id(image)] for image in images])  # [B] index into the distinct images
+        return whole_batch()
+    position = {key: g for g, key in enumerate(first_row)}  # id(image) -> its index among the distinct images
+    pick = torch.tensor([position[id(image)] for image in images])  # [B]
     return BatchFeature({**text, "pixel_values": once["pixel_values"][pick]})
 
 
