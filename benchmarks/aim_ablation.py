@@ -28,39 +28,53 @@ from leanvlm.real_model import load_real_model
 from leanvlm.real_model.data import fresh_easyvqa, scenes
 from leanvlm.real_model.evaluate import evaluate
 
+#: The LLM input every row before the original-positions / proportional-attention change was measured with:
+#: merged tokens at contiguous positions, attended as one token each.
+CONTIGUOUS = dict(original_positions=False, proportional_attention=False)
+
 #: name -> (description, factory). None = the plain model. "published" = the SPEC / published merge schedule
 #: (each pass removes up to half of the tokens: 256 -> 128 -> 64); AIM()'s image default merges at most a
 #: quarter per pass (256 -> 192 -> 144 -> 108 -> 81 -> 64).
 CONFIGS: dict[str, tuple[str, Callable[[], leanvlm.Method] | None]] = {
     "plain": ("no reduction", None),
     "before": ("previous default: published schedule, float32 PageRank (underflow ties)",
-               lambda: leanvlm.Compose(pre=[TokenMerge(0.25, pass_fraction=0.5)],
+               lambda: leanvlm.Compose(pre=[TokenMerge(0.25, pass_fraction=0.5, **CONTIGUOUS)],
                                        llm=[ProgressivePrune(exact_ranking=False)])),
     "published_exact": ("published schedule, underflow-free PageRank",
-                        lambda: leanvlm.AIM(merge_pass_fraction=0.5, importance="pagerank")),
-    "published_merge_only": ("published schedule, merge only", lambda: leanvlm.AIM(prune=False, merge_pass_fraction=0.5)),
+                        lambda: leanvlm.AIM(merge_pass_fraction=0.5, importance="pagerank", **CONTIGUOUS)),
+    "published_merge_only": ("published schedule, merge only", lambda: leanvlm.AIM(prune=False, merge_pass_fraction=0.5, **CONTIGUOUS)),
     "prune_only": ("prune only: AIM(merge_keep=1.0, importance='pagerank')",
-                   lambda: leanvlm.AIM(merge_keep=1.0, importance="pagerank")),
+                   lambda: leanvlm.AIM(merge_keep=1.0, importance="pagerank", **CONTIGUOUS)),
     "published_text": ("published schedule, importance='text'",
-                       lambda: leanvlm.AIM(importance="text", merge_pass_fraction=0.5)),
+                       lambda: leanvlm.AIM(importance="text", merge_pass_fraction=0.5, **CONTIGUOUS)),
     "published_key_merge_only": ("published schedule, key metric, merge only",
-                                 lambda: leanvlm.AIM(prune=False, merge_metric="key", merge_pass_fraction=0.5)),
+                                 lambda: leanvlm.AIM(prune=False, merge_metric="key", merge_pass_fraction=0.5, **CONTIGUOUS)),
     "published_key": ("published schedule, key metric",
-                      lambda: leanvlm.AIM(merge_metric="key", merge_pass_fraction=0.5, importance="pagerank")),
-    "merge_only": ("AIM(prune=False): quarter-per-pass merge only", lambda: leanvlm.AIM(prune=False)),
-    "key_merge_only": ("AIM(prune=False, merge_metric='key')", lambda: leanvlm.AIM(prune=False, merge_metric="key")),
+                      lambda: leanvlm.AIM(merge_metric="key", merge_pass_fraction=0.5, importance="pagerank", **CONTIGUOUS)),
+    "merge_only": ("AIM(prune=False): quarter-per-pass merge only", lambda: leanvlm.AIM(prune=False, **CONTIGUOUS)),
+    "key_merge_only": ("AIM(prune=False, merge_metric='key')", lambda: leanvlm.AIM(prune=False, merge_metric="key", **CONTIGUOUS)),
     "tenth_key_merge_only": ("AIM(prune=False, merge_metric='key', merge_pass_fraction=0.1)",
-                             lambda: leanvlm.AIM(prune=False, merge_metric="key", merge_pass_fraction=0.1)),
+                             lambda: leanvlm.AIM(prune=False, merge_metric="key", merge_pass_fraction=0.1, **CONTIGUOUS)),
     "pagerank": ("AIM(importance='pagerank'): quarter-per-pass merge + underflow-free PageRank",
-                 lambda: leanvlm.AIM(importance="pagerank")),
-    "key": ("AIM(merge_metric='key', importance='pagerank')", lambda: leanvlm.AIM(merge_metric="key", importance="pagerank")),
-    "default": ("AIM() default: quarter-per-pass merge + text importance (images)", lambda: leanvlm.AIM()),
+                 lambda: leanvlm.AIM(importance="pagerank", **CONTIGUOUS)),
+    "key": ("AIM(merge_metric='key', importance='pagerank')", lambda: leanvlm.AIM(merge_metric="key", importance="pagerank", **CONTIGUOUS)),
+    "default_contiguous": ("previous AIM() default: quarter-per-pass merge + text importance, contiguous positions, "
+                           "no size bias", lambda: leanvlm.AIM(**CONTIGUOUS)),
     "late_prune": ("AIM(l1=18, l2=26): default merge, pruning 3 layers later",
-                   lambda: leanvlm.AIM(l1=18, l2=26)),
+                   lambda: leanvlm.AIM(l1=18, l2=26, **CONTIGUOUS)),
     "merge30_prune12": ("AIM(merge_keep=0.3, l1=12, l2=24): lighter merge, earlier pruning",
-                        lambda: leanvlm.AIM(merge_keep=0.3, l1=12, l2=24)),
+                        lambda: leanvlm.AIM(merge_keep=0.3, l1=12, l2=24, **CONTIGUOUS)),
     "merge35_prune10": ("AIM(merge_keep=0.35, l1=10, l2=20): lighter merge, earlier pruning",
-                        lambda: leanvlm.AIM(merge_keep=0.35, l1=10, l2=20)),
+                        lambda: leanvlm.AIM(merge_keep=0.35, l1=10, l2=20, **CONTIGUOUS)),
+    "merge_positions": ("AIM(prune=False, proportional_attention=False): merge only, original positions",
+                        lambda: leanvlm.AIM(prune=False, proportional_attention=False)),
+    "merge_proportional": ("AIM(prune=False, original_positions=False): merge only, proportional attention",
+                           lambda: leanvlm.AIM(prune=False, original_positions=False)),
+    "merge_now": ("AIM(prune=False): merge only, original positions + proportional attention",
+                  lambda: leanvlm.AIM(prune=False)),
+    "default": ("AIM() default: merge to 25% (original positions, proportional attention) + text-importance pruning",
+                lambda: leanvlm.AIM()),
+    "merge20_only": ("AIM(merge_keep=0.2, prune=False): merge only, to 20%", lambda: leanvlm.AIM(merge_keep=0.2, prune=False)),
     "visionzip": ("VisionZip()", lambda: leanvlm.VisionZip()),
     "itp": ("ITP()", lambda: leanvlm.ITP()),
 }

@@ -10,7 +10,9 @@ from leanvlm import flops
 from leanvlm.models import get_adapter
 from leanvlm.ops.attention import received_attention
 from leanvlm.ops.importance import pagerank_importance
-from tiny import PATCHES, batch_inputs, prompt_ids, select, tiny_llava
+from leanvlm.methods.aim import PASS_FRACTION
+from leanvlm.ops.merge import merge_tokens
+from tiny import PATCHES, batch_inputs, cache_of, prompt_ids, select, tiny_llava, with_cache
 
 
 def eager_attention_and_qk(model, inputs, layer: int):
@@ -90,6 +92,82 @@ def test_merge_one_and_no_pruning_gives_plain_logits(attn):
     with method.apply(model):
         torch.testing.assert_close(model(**inputs).logits, plain, atol=1e-5, rtol=0)
     assert method.stats.flops_ratio == 1.0
+
+
+@torch.no_grad()
+def merged_reference_logits(model, one: dict, keep: float, original_positions: bool, proportional: bool) -> torch.Tensor:
+    """Last-position logits [1, vocab] of one unpadded sample with its image merged by `ops.merge.merge_tokens`
+    (AIM's schedule), computed by hand: the merged tokens spliced into the input embeddings, position ids
+    (the destinations' original ones and the text's own, or contiguous), and a 4-D additive causal mask
+    with log(size) on the merged keys (or none)."""
+    config = model.config
+    features = model.model.get_image_features(pixel_values=one["pixel_values"], vision_feature_layer=config.vision_feature_layer,
+                                              vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                              return_dict=True).pooler_output[0][None]  # [1, T, C]
+    merged = merge_tokens(features, None, keep, pass_fraction=PASS_FRACTION)
+    ids = one["input_ids"][0]
+    visual = (ids == config.image_token_id).nonzero().squeeze(1)
+    start, end = int(visual[0]), int(visual[-1]) + 1
+    embed = model.get_input_embeddings()
+    embeds = torch.cat([embed(ids[:start]), merged.tokens[0], embed(ids[end:])])[None]
+    length = embeds.shape[1]
+    if original_positions:
+        positions = torch.cat([torch.arange(start), start + merged.kept_indices[0], torch.arange(end, ids.shape[0])])
+    else:
+        positions = torch.arange(length)
+    bias = torch.zeros(length)
+    if proportional:
+        bias[start:start + merged.tokens.shape[1]] = merged.sizes[0].log()
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = torch.where(causal, bias[None, :], torch.finfo(torch.float32).min)[None, None]
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions[None]).last_hidden_state
+    return model.lm_head(hidden[:, -1])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("original_positions, proportional", [(True, True), (True, False), (False, True), (False, False)])
+def test_merge_equals_hand_built_positions_and_proportional_attention(attn, original_positions, proportional):
+    """AIM(prune=False) in the runtime equals the merged sequence computed by hand, for each combination of
+    the two options, one by one and in a left-padded batch."""
+    model = tiny_llava("llama", attn, layers=4)
+    inputs = batch_inputs([prompt_ids(3, 5, seed=1), prompt_ids(6, 2, seed=2)], seed=5)
+    method = leanvlm.AIM(merge_keep=0.375, prune=False, original_positions=original_positions,
+                         proportional_attention=proportional)
+    with method.apply(model):
+        batch = model(**inputs).logits[:, -1]
+        for row in range(2):
+            one = select(inputs, row)
+            expected = merged_reference_logits(model, one, 0.375, original_positions, proportional)
+            torch.testing.assert_close(model(**one).logits[:, -1], expected, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(batch[row:row + 1], expected, atol=1e-4, rtol=1e-4)
+            if original_positions or proportional:  # the options change the computation: the test tells them apart
+                assert not torch.allclose(expected, merged_reference_logits(model, one, 0.375, False, False), atol=1e-3)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_merge_with_original_positions_decodes_cached_like_uncached(attn):
+    """Merge only (no drop inside the LLM): every cached step still needs the key bias and the original
+    positions; generate's steps and a hand-written loop without position ids agree with uncached runs."""
+    model = tiny_llava("qwen2", attn, layers=4)
+    inputs = batch_inputs([prompt_ids(3, 5, seed=1), prompt_ids(1, 9, seed=2)], seed=3)
+    method = leanvlm.AIM(merge_keep=0.375, prune=False)
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with method.apply(model):
+        cached = model.generate(**inputs, **kwargs)
+        uncached = model.generate(**inputs, use_cache=False, **kwargs)
+        assert torch.equal(cached.sequences, uncached.sequences)
+        for a, b in zip(cached.logits, uncached.logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        # a loop of plain forwards without position ids: the runtime numbers the new token from the original length
+        one = select(inputs, 1)
+        out = model(**one, use_cache=True)
+        step = out.logits[:, -1].argmax(-1, keepdim=True)
+        length = one["input_ids"].shape[1]
+        cached_step = model(input_ids=step, attention_mask=torch.ones(1, length + 1, dtype=torch.long),
+                            **with_cache(model, cache_of(out))).logits[:, -1]
+        full = model(input_ids=torch.cat([one["input_ids"], step], 1), attention_mask=torch.ones(1, length + 1, dtype=torch.long),
+                     pixel_values=one["pixel_values"]).logits[:, -1]
+    torch.testing.assert_close(cached_step, full, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -62,6 +62,10 @@ class TokenMerge(PreLLMStage):
     metric: what the similarity is computed on — "features" (the projector output itself, SPEC default)
     or "key" (the key of the vision layer the projector reads, per patch, as the published LLaVA-1.5
     recipe and ToMe do; SPEC option). weighted: size-weighted mean (default) or plain mean of a merge group.
+    original_positions: a merged token keeps its destination patch's 1-D position and the text after the
+    image its own (1-D RoPE families; M-RoPE ones always keep them). proportional_attention: every LLM layer
+    attends to a token that stands for s patches as to s copies (ToMe's log(s) logit bias). Both apply on
+    families whose placeholder runs are exactly the patches (LLaVA-1.5, the grid families, Idefics3 / SmolVLM).
     """
 
     keep: float = 0.25
@@ -70,6 +74,8 @@ class TokenMerge(PreLLMStage):
     #: at most this fraction of a frame's tokens is merged away per pass (ops.merge.merge_schedule);
     #: 0.5 is the SPEC / published schedule
     pass_fraction: float = PASS_FRACTION
+    original_positions: bool = True
+    proportional_attention: bool = True
 
     def __post_init__(self) -> None:
         check_fraction("merge_keep", self.keep)
@@ -188,6 +194,8 @@ class AIM(Method):
     weighted_merge: bool = True
     merge_metric: MergeMetric = "features"
     merge_pass_fraction: float = PASS_FRACTION
+    original_positions: bool = True
+    proportional_attention: bool = True
 
     def __post_init__(self) -> None:
         check_fraction("merge_keep", self.merge_keep)
@@ -202,7 +210,8 @@ class AIM(Method):
         return pre, llm
 
     def _merge_stage(self) -> TokenMerge:
-        return TokenMerge(self.merge_keep, self.weighted_merge, self.merge_metric, self.merge_pass_fraction)
+        return TokenMerge(self.merge_keep, self.weighted_merge, self.merge_metric, self.merge_pass_fraction,
+                          self.original_positions, self.proportional_attention)
 
     @classmethod
     def for_budget(

@@ -42,12 +42,19 @@ class ModelAdapter(ABC):
     model_classes: ClassVar[tuple[str, ...]] = ()
     #: family name used in the support matrix and error messages
     family: ClassVar[str] = ""
+    #: whether every visual item's placeholder run holds exactly its patches, frame by frame in raster order (no
+    #: separators), so that `VisualItem.run_offsets` locates each reduced token in it: pre-LLM stages' original
+    #: positions and proportional attention apply only then (the runtime leaves both off otherwise)
+    run_offsets_supported: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
         #: the caller's kwargs while the runtime's wrapped `generate` runs (None otherwise): generate
         #: pre-encodes the pixels and drops what its encoder consumed (image sizes, grids) from the forwards
         self.generate_inputs: dict[str, Any] | None = None
+        #: set by the runtime while a method whose pre-LLM stages ask for it is applied: reduced visual tokens
+        #: keep their original 1-D positions (`feed_features` with run offsets), instead of contiguous ones
+        self.original_positions = False
 
     # --- where things are -------------------------------------------------------------------------
     # transformers 5 VLMs: `XForConditionalGeneration.model` is the multimodal model (vision tower +
@@ -184,12 +191,15 @@ class ModelAdapter(ABC):
 
     def feed_features(
         self, kwargs: dict[str, Any], encoded: dict[str, Any], placeholder_ids: list[int],
-        old_counts: list[int], new_counts: list[int],
+        old_counts: list[int], new_counts: list[int], run_offsets: list[torch.Tensor] | None = None,
     ) -> tuple[dict[str, Any], ShrunkSequence | None]:
         """Forward kwargs that feed `encoded` ({"image" / "video": BaseModelOutputWithPooling}) as the
         pre-encoded features instead of the pixels, with the k-th visual item's run of placeholders
-        (input_ids in `placeholder_ids`, row-major) shrunk from old_counts[k] to new_counts[k] (1-D
-        position_ids move down with it). Returns the kwargs and the shrink record (None: nothing removed)."""
+        (input_ids in `placeholder_ids`, row-major) shrunk from old_counts[k] to new_counts[k]. Positions:
+        with run_offsets (per item, `VisualItem.run_offsets`: families whose run is exactly the item's patches)
+        and `self.original_positions`, every kept token keeps its original 1-D position; otherwise 1-D
+        position_ids move down with the removed placeholders (contiguous). Returns the kwargs and the shrink
+        record (None: nothing removed)."""
         kwargs = dict(kwargs)
         for name in ("pixel_values", "pixel_values_videos"):
             if name in kwargs:
@@ -201,7 +211,8 @@ class ModelAdapter(ABC):
         input_ids = kwargs["input_ids"]
         placeholder = torch.isin(input_ids, torch.tensor(placeholder_ids, device=input_ids.device))
         shrunk = shrink_placeholders(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), placeholder,
-                                     old_counts, new_counts, self.pad_token_id)
+                                     old_counts, new_counts, self.pad_token_id,
+                                     run_offsets if self.original_positions else None)
         kwargs["input_ids"] = shrunk.input_ids
         kwargs["attention_mask"] = shrunk.attention_mask
         if shrunk.position_ids is not None:
@@ -210,11 +221,12 @@ class ModelAdapter(ABC):
 
     def decode_inputs(self, kwargs: dict[str, Any], shrunk: ShrunkSequence, prompt_length: int) -> dict[str, Any]:
         """Fix a cached decode step's kwargs after a pre-LLM shrink: the caller's attention mask and position
-        ids still count the original prompt length `prompt_length`."""
+        ids still count the original prompt length `prompt_length` (positions that stay original-length when
+        the shrink kept original positions)."""
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
             kwargs["attention_mask"] = torch.cat([shrunk.attention_mask.to(mask.dtype), mask[:, prompt_length:]], dim=1)
         position_ids = kwargs.get("position_ids")
-        if position_ids is not None:
+        if position_ids is not None and not shrunk.original_positions:
             kwargs["position_ids"] = position_ids - shrunk.removed.to(position_ids.device)[:, None]
         return kwargs

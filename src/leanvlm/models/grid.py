@@ -29,6 +29,8 @@ from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 class GridAdapter(ModelAdapter):
     """One s x s token grid per encoder pass; subclasses fill in the family's tower and projector."""
 
+    run_offsets_supported = True  # each pass's placeholder run is its s x s grid, raster order
+
     # --- the family's specifics --------------------------------------------------------------------
     def _image_features(self, kwargs: dict[str, Any]) -> BaseModelOutputWithPooling:
         """The model's own `get_image_features` for kwargs["pixel_values"]: pooler_output [passes, T, C]."""
@@ -99,4 +101,5 @@ class GridAdapter(ModelAdapter):
         old_counts = [item.grid[0] * item.grid[1] for item in items]
         new_counts = [item.num_tokens for item in items]
         return self.feed_features(kwargs, {"image": BaseModelOutputWithPooling(pooler_output=features)},
-                                  self.visual_token_ids[:1], old_counts, new_counts)
+                                  self.visual_token_ids[:1], old_counts, new_counts,
+                                  [item.run_offsets() for item in items])

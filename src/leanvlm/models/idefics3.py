@@ -44,6 +44,7 @@ from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 class Idefics3Adapter(ModelAdapter):
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     family = "idefics3"
+    run_offsets_supported = True  # each tile's placeholder run is its grid (row / column tokens are text)
 
     @property
     def text_model(self) -> nn.Module:
@@ -110,4 +111,5 @@ class Idefics3Adapter(ModelAdapter):
         old_counts = [item.grid[0] * item.grid[1] for item in items]
         new_counts = [item.num_tokens for item in items]
         return self.feed_features(kwargs, {"image": BaseModelOutputWithPooling(pooler_output=features)},
-                                  self.visual_token_ids[:1], old_counts, new_counts)
+                                  self.visual_token_ids[:1], old_counts, new_counts,
+                                  [item.run_offsets() for item in items])

@@ -17,6 +17,7 @@ from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 class LlavaAdapter(ModelAdapter):
     model_classes = ("LlavaForConditionalGeneration",)
     family = "llava"
+    run_offsets_supported = True  # one placeholder per patch of the image's grid, raster order
 
     def _feature_layer(self) -> int:
         layer = self.model.config.vision_feature_layer
@@ -69,4 +70,5 @@ class LlavaAdapter(ModelAdapter):
         old_counts = [item.grid[0] * item.grid[1] * len(item.frames) for item in items]
         new_counts = [f.shape[0] for f in features]
         return self.feed_features(kwargs, {"image": BaseModelOutputWithPooling(pooler_output=features)},
-                                  self.visual_token_ids[:1], old_counts, new_counts)
+                                  self.visual_token_ids[:1], old_counts, new_counts,
+                                  [item.run_offsets() for item in items])

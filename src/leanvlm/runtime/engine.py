@@ -26,6 +26,14 @@ inputs), never from keyword names or from which `generate` call is running:
 A non-empty cache leanvlm did not fill runs the model unchanged; a leanvlm cache whose length or mask does
 not match raises one error saying what did not match. Every `generate` call starts a new prompt.
 Decode positions continue from the original (post pre-LLM) sequence length.
+
+Pre-LLM stages may ask for two things on families whose placeholder runs hold exactly their items' patches
+(`ModelAdapter.run_offsets_supported`: LLaVA-1.5, the grid families, Idefics3 / SmolVLM):
+- `original_positions`: the reduced tokens keep their original 1-D positions (a merged token its
+  destination's patch), the text after them too, and decoding continues from the original length;
+- `proportional_attention`: every layer adds log(size) to the attention logits of a key that stands for
+  `size` original patches (ToMe's proportional attention: it is attended like `size` copies), through an
+  additive mask, in the prompt and in every cached decode step.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from leanvlm.compat import cache_length, find_cache, sliding_window_of
 from leanvlm.models import get_adapter
 from leanvlm.ops.select import FILLER, gather_slots, merge_slots, pack_right, top_k_mask
 from leanvlm.runtime.context import LayerContext, TokenLayout
-from leanvlm.runtime.masks import decode_mask, reduced_attention_mask
+from leanvlm.runtime.masks import add_key_bias, decode_mask, reduced_attention_mask
 from leanvlm.runtime.stages import INSTRUCTION, HiddenMerge, LLMStage, check_layer
 from leanvlm.runtime.visual import ShrunkSequence, VisualItem
 from leanvlm.stats import ReductionStats, build_stats, visual_depth
@@ -76,6 +84,9 @@ class Session:
     # merging drop layer -> HiddenMerge over prompt positions ([B, prompt_length]: target POSITION, weight)
     merges: dict[int, HiddenMerge] = field(default_factory=dict)
     decoded: int = 0  # tokens appended to the session's cache by cached decode steps so far
+    # [B, prompt_length] float32 log(size) of every prompt slot (0 for unmerged tokens and text), or None
+    key_bias: torch.Tensor | None = None
+    prompt_valid: torch.Tensor | None = None  # [B, prompt_length] bool: the prompt slots that are not padding
 
     @property
     def original_length(self) -> int:
@@ -109,6 +120,7 @@ class ForwardState:
     layout: TokenLayout | None = None
     index: torch.Tensor | None = None  # [B, N] current slots -> layer-0 positions; None = all of them
     past_length: int = 0
+    new_tokens: int = 0  # tokens a cached step appends
     cache: Any = None  # the KV cache of a cached step (its layers tell which keep only a sliding window)
     attn_input: tuple[torch.Tensor, Any] | None = None  # (normed hidden [B, N, D], position embeddings)
     projections: dict[str, torch.Tensor] = field(default_factory=dict)  # "q"/"k" projection outputs [B, N, *]
@@ -119,6 +131,7 @@ class ForwardState:
     counted_index: torch.Tensor | None = None  # the `index` the last layer_tokens entry was counted for
     visual_in: torch.Tensor | None = None  # [B] visual tokens out of the projector
     visual_items: list[VisualItem] = field(default_factory=list)  # after the pre-LLM stages
+    key_bias: torch.Tensor | None = None  # [B, N0] log(size) per layer-0 slot (proportional attention), or None
     seconds: float = 0.0
 
 
@@ -150,6 +163,12 @@ class AppliedMethod:
                     raise ValueError(f"two in-LLM stages drop tokens after layer {layer}; give each layer one stage")
                 self.drop_stages[layer] = stage
         self.needs = frozenset().union(*(stage.needs for stage in self.pre_stages))
+        exact_runs = self.adapter.run_offsets_supported
+        self.adapter.original_positions = exact_runs and any(stage.original_positions for stage in self.pre_stages)
+        self.proportional = exact_runs and any(stage.proportional_attention for stage in self.pre_stages)
+        if self.proportional and "flash" in str(attention):
+            raise ValueError("proportional attention adds a bias to the attention logits, which flash attention cannot "
+                             "take; load the model with attn_implementation='sdpa', or pass proportional_attention=False")
         self.vision_needs = self.needs - {INSTRUCTION}
         self._probe = self.adapter.install_vision_probe() if self.vision_needs else None
         self.session: Session | None = None  # the last prompt's, for uncached forwards that extend it
@@ -235,6 +254,11 @@ class AppliedMethod:
             fwd.cache = cache
             if session.shrunk is not None:
                 kwargs = self.adapter.decode_inputs(kwargs, session.shrunk, session.original_length)
+                if session.shrunk.original_positions and kwargs.get("position_ids") is None:
+                    # the model would number the new tokens from the shrunk cache's length
+                    new = fwd.new_tokens
+                    first = session.original_length + session.decoded - new
+                    kwargs["position_ids"] = torch.arange(first, first + new, device=session.prompt_ids.device)[None]
         else:
             fwd, kwargs = self._start_prompt(kwargs, Phase.EXTEND if cache is None and self._extends(kwargs) else Phase.PREFILL)
         self.fwd = fwd
@@ -267,7 +291,7 @@ class AppliedMethod:
                     f"attention_mask has {mask.shape[1]} columns but a cached step after a {session.original_length}-token "
                     f"prompt, {session.decoded} decoded and {new} new tokens needs {want} (past + new tokens)")
         session.decoded += new or 0
-        return ForwardState(Phase.DECODE, session, past_length=past_length)
+        return ForwardState(Phase.DECODE, session, past_length=past_length, new_tokens=new or 0)
 
     def _start_prompt(self, kwargs: dict[str, Any], phase: Phase) -> tuple[ForwardState, dict[str, Any]]:
         """Prefill or extend: run the pre-LLM stages, shrink the input, record the token layout."""
@@ -309,9 +333,26 @@ class AppliedMethod:
         layout = TokenLayout.from_ids(kwargs["input_ids"], mask if mask is not None and mask.dim() == 2 else None,
                                       self.adapter.visual_token_ids,
                                       self.adapter.protected_placeholders(kwargs, items if reduced else None))
+        key_bias = self._key_bias(layout, items) if self.proportional and reduced else None
         if phase is Phase.PREFILL:
-            self.session = Session(input_ids, prompt_mask, visual_inputs, layout.visual.shape[1], shrunk)
-        return ForwardState(phase, self.session, layout=layout, visual_in=visual_in, visual_items=items), kwargs
+            self.session = Session(input_ids, prompt_mask, visual_inputs, layout.visual.shape[1], shrunk, key_bias=key_bias,
+                                   prompt_valid=layout.valid)
+        return ForwardState(phase, self.session, layout=layout, visual_in=visual_in, visual_items=items,
+                            key_bias=key_bias), kwargs
+
+    @staticmethod
+    def _key_bias(layout: TokenLayout, items: list[VisualItem]) -> torch.Tensor | None:
+        """[B, N0] float32: log(size) on the visual slots (row-major: the items' tokens in order), 0 elsewhere;
+        None when no token stands for more than one patch (the attention is then exactly the model's)."""
+        sizes = torch.cat([item.sizes() for item in items]) if items else torch.ones(0)
+        if not bool((sizes > 1).any()):
+            return None
+        if sizes.numel() != int(layout.visual.sum()):
+            raise RuntimeError(f"leanvlm: {sizes.numel()} reduced visual tokens but {int(layout.visual.sum())} visual "
+                               "slots in the LLM input; please report this with the model's class")
+        bias = torch.zeros(layout.visual.shape, dtype=torch.float32, device=layout.visual.device)
+        bias[layout.visual] = sizes.to(bias.device).log()
+        return bias
 
     def _with_instruction(self, input_ids: torch.Tensor, mask: torch.Tensor | None, items: list[VisualItem]) -> list[VisualItem]:
         """Items with `instruction` set: the LLM input embeddings [M, D] of their sample's instruction tokens
@@ -346,10 +387,11 @@ class AppliedMethod:
                 if cache is not None:
                     self._sessions[cache] = fwd.session
             if fwd.phase is Phase.DECODE:
-                override = self._decode_override(layer, hidden.shape[1], kwargs)
+                override = self._decode_override(layer, hidden.shape[1], kwargs, hidden.dtype)
             else:
                 self._count_tokens(fwd)
-                override = self._prompt_override(layer, kwargs) if fwd.index is not None else None
+                override = (self._prompt_override(layer, kwargs, hidden.dtype)
+                            if fwd.index is not None or fwd.key_bias is not None else None)
             fwd.seconds += time.perf_counter() - start
             if override is None:
                 return None
@@ -371,39 +413,48 @@ class AppliedMethod:
         fwd.layer_visual.append(visual)
         fwd.counted_index = fwd.index
 
-    def _prompt_override(self, layer: int, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Prefill/extend: rows and columns are the current slots (the cache is emptied at every drop)."""
+    def _prompt_override(self, layer: int, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+        """Prefill/extend: rows and columns are the current slots (the cache is emptied at every drop); with
+        proportional attention, also before any drop (every slot)."""
         fwd = self.fwd
         base = kwargs.get("attention_mask")
         key = (-1, id(base))  # the model keeps `base` alive for the whole forward
         if key not in fwd.overrides:
             index = fwd.index
-            if base is None and not bool((index == FILLER).any()):
+            override: dict[str, Any] = {}
+            if index is None:  # only the key bias to add: positions are the model's own
+                batch, length = fwd.key_bias.shape
+                index = torch.arange(length, device=fwd.key_bias.device).expand(batch, -1)
+            else:
+                override["position_embeddings"] = self.adapter.gather_position_embeddings(kwargs["position_embeddings"], index)
+                override["position_ids"] = self.adapter.gather_position_ids(kwargs.get("position_ids"), index)
+            if base is None and fwd.key_bias is None and not bool((index == FILLER).any()):
                 # The model left causality to its attention kernel (no padding); the kept slots are still in
                 # causal order with no holes, so that rule still holds and the kernel's fast causal path runs.
                 mask = None
             else:
                 mask = reduced_attention_mask(base, index, index, index)
-            fwd.overrides[key] = {
-                "attention_mask": mask,
-                "position_embeddings": self.adapter.gather_position_embeddings(kwargs["position_embeddings"], index),
-                "position_ids": self.adapter.gather_position_ids(kwargs.get("position_ids"), index),
-            }
+                if fwd.key_bias is not None:
+                    mask = add_key_bias(mask, gather_slots(fwd.key_bias, index, fill=0.0), dtype)
+            fwd.overrides[key] = {"attention_mask": mask, **override}
         return fwd.overrides[key]
 
-    def _decode_override(self, layer: int, num_queries: int, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    def _decode_override(self, layer: int, num_queries: int, kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any] | None:
         """Cached step: the queries are the new tokens; this layer's keys are its group's kept prompt tokens
         followed by every token decoded so far."""
         fwd, session = self.fwd, self.fwd.session
         earlier = [d for d in session.decisions if d < layer]
-        if not earlier:
+        if not earlier and session.key_bias is None:
             return None
-        group = max(earlier)
+        group = max(earlier, default=-1)  # -1: no drop before this layer, every prompt slot is cached
         base = kwargs.get("attention_mask")
         window = sliding_window_of(fwd.cache, layer)
         key = (group, id(base), window)
         if key not in fwd.overrides:
-            kept = session.decisions[group]
+            if earlier:
+                kept = session.decisions[group]
+            else:  # every prompt slot but the padding, which masks built from positions would not exclude
+                kept = torch.where(session.prompt_valid, torch.arange(session.prompt_length, device=session.key_bias.device), FILLER)
             total = fwd.past_length + num_queries
             device = kept.device
             tail = torch.arange(session.prompt_length, total, device=device).expand(kept.shape[0], -1)
@@ -417,11 +468,16 @@ class AppliedMethod:
             if window is not None or (base is not None and base.shape[-1] != total):
                 # the model sized `base` for another cache layer (Gemma 3: the first global layer may come
                 # after the drop) or for the unreduced window: build the mask from positions
-                fwd.overrides[key] = {"attention_mask": decode_mask(base, rows_orig, cols, window)}
-            elif base is None and not (kept == FILLER).any():
-                fwd.overrides[key] = None  # every cached key is attended: the model's own (None) mask fits
+                mask = decode_mask(base, rows_orig, cols, window)
+            elif base is None and session.key_bias is None and not (kept == FILLER).any():
+                mask = None  # every cached key is attended: the model's own (None) mask fits
             else:
-                fwd.overrides[key] = {"attention_mask": reduced_attention_mask(base, rows_local, rows_orig, cols)}
+                mask = reduced_attention_mask(base, rows_local, rows_orig, cols)
+            if session.key_bias is not None:
+                # decoded tokens (cols >= prompt_length) and fillers stand for themselves: bias 0
+                prompt_col = torch.where(cols < session.prompt_length, cols, FILLER)
+                mask = add_key_bias(mask, gather_slots(session.key_bias, prompt_col, fill=0.0), dtype)
+            fwd.overrides[key] = None if mask is None else {"attention_mask": mask}
         return fwd.overrides[key]
 
     def _capture_attention_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:

@@ -62,3 +62,12 @@ def decode_mask(base: torch.Tensor | None, rows_orig: torch.Tensor, cols: torch.
         return allowed
     zero = torch.zeros((), dtype=base.dtype, device=base.device)
     return torch.where(allowed, zero, torch.finfo(base.dtype).min)
+
+
+def add_key_bias(mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask with a per-key additive bias: mask [B, 1, R, C] bool (True = attend) or additive float
+    (as `reduced_attention_mask` / `decode_mask` return it), bias [B, C] (e.g. log of the patches each key
+    stands for) -> [B, 1, R, C] additive float of `dtype` (the attention's query dtype): bias where attended,
+    dtype's minimum elsewhere."""
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return torch.where(allowed, bias[:, None, None, :].to(dtype), torch.finfo(dtype).min)

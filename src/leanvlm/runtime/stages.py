@@ -91,6 +91,10 @@ class PreLLMStage(ABC):
     #: vision-tower signals this stage reads (e.g. {"cls_attention"}), which the model adapter captures, and
     #: `INSTRUCTION` for the instruction's embeddings.
     needs: frozenset[str] = frozenset()
+    #: the reduced tokens keep their original 1-D positions in the LLM (M-RoPE families always keep them)
+    original_positions: bool = False
+    #: the LLM attends to a token that stands for `size` patches as to `size` copies (+log(size) on its logits)
+    proportional_attention: bool = False
 
     @abstractmethod
     def reduce(self, item: VisualItem) -> VisualItem:
