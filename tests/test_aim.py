@@ -12,7 +12,8 @@ from leanvlm.ops.attention import received_attention
 from leanvlm.ops.importance import pagerank_importance
 from leanvlm.methods.aim import PASS_FRACTION
 from leanvlm.ops.merge import merge_tokens
-from tiny import PATCHES, batch_inputs, cache_of, prompt_ids, select, tiny_llava, with_cache
+from tiny import (GENERATE_LOGITS, PATCHES, assert_cached_equals_uncached, batch_inputs, cache_of, prompt_ids, select,
+                  tiny_llava, with_cache)
 
 
 def eager_attention_and_qk(model, inputs, layer: int):
@@ -151,13 +152,8 @@ def test_merge_with_original_positions_decodes_cached_like_uncached(attn):
     model = tiny_llava("qwen2", attn, layers=4)
     inputs = batch_inputs([prompt_ids(3, 5, seed=1), prompt_ids(1, 9, seed=2)], seed=3)
     method = leanvlm.AIM(merge_keep=0.375, prune=False)
-    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with method.apply(model):
-        cached = model.generate(**inputs, **kwargs)
-        uncached = model.generate(**inputs, use_cache=False, **kwargs)
-        assert torch.equal(cached.sequences, uncached.sequences)
-        for a, b in zip(cached.logits, uncached.logits):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert_cached_equals_uncached(model, inputs, max_new_tokens=6)
         # a loop of plain forwards without position ids: the runtime numbers the new token from the original length
         one = select(inputs, 1)
         out = model(**one, use_cache=True)
@@ -176,21 +172,16 @@ def test_default_aim_follows_schedule_and_cached_equals_uncached(attn, importanc
     model = tiny_llava("llama", attn, layers=8)  # default l1, l2 for 8 layers: 4, 6
     inputs = batch_inputs([prompt_ids(3, 5, seed=1), prompt_ids(1, 9, seed=2)], seed=3)
     method = leanvlm.AIM(importance=importance)
-    kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with method.apply(model):
-        cached = model.generate(**inputs, **kwargs)
+        cached = assert_cached_equals_uncached(model, inputs)
         stats = method.stats
-        uncached = model.generate(**inputs, use_cache=False, **kwargs)
     merged = PATCHES // 4
     for sample in stats.samples:
         assert sample.visual_in == PATCHES and sample.visual_into_llm == merged
         # layers 0..l1 see all, then keep(l) of the merged tokens: 1/2 after layer 4, none from layer 6 on
         assert sample.layer_visual_tokens == [merged] * 5 + [merged // 2] + [0, 0]
     assert stats.samples[0].layer_tokens[-1] == 3 + 5
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for a, b in zip(cached.logits, uncached.logits):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(model.generate(**inputs, **kwargs).logits[0], cached.logits[0])
+    assert not torch.allclose(model.generate(**inputs, max_new_tokens=8, **GENERATE_LOGITS).logits[0], cached.logits[0])
 
 
 def test_batch_equals_samples_one_by_one():

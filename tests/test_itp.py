@@ -9,7 +9,7 @@ import leanvlm
 from leanvlm.models import get_adapter
 from leanvlm.models.vision import vision_signals
 from leanvlm.ops.knee import find_knee
-from tiny import PATCHES, batch_inputs, prompt_ids, select, tiny_llava
+from tiny import GENERATE_LOGITS, PATCHES, assert_cached_equals_uncached, batch_inputs, prompt_ids, select, tiny_llava
 
 PROMPTS = [prompt_ids(3, 5, seed=1), prompt_ids(1, 9, seed=2), prompt_ids(2, 2, seed=3)]
 
@@ -105,14 +105,9 @@ def test_cached_generate_equals_uncached(similarity):
     model = tiny_llava("llama", "sdpa", layers=6)
     inputs = batch_inputs(PROMPTS[:2], seed=9)
     method = leanvlm.ITP(k_min=2, similarity=similarity)
-    kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with method.apply(model):
-        cached = model.generate(**inputs, **kwargs)
-        uncached = model.generate(**inputs, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for a, b in zip(cached.logits, uncached.logits):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(model.generate(**inputs, **kwargs).logits[0], cached.logits[0])
+        cached = assert_cached_equals_uncached(model, inputs)
+    assert not torch.allclose(model.generate(**inputs, max_new_tokens=8, **GENERATE_LOGITS).logits[0], cached.logits[0])
 
 
 def test_tower_without_cls_uses_a_reported_substitute():

@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 import leanvlm
-from tiny import IMAGE_TOKEN, PATCHES, batch_inputs, prompt_ids, select, tiny_llava
+from tiny import (GENERATE_LOGITS, IMAGE_TOKEN, PATCHES, assert_cached_equals_uncached, batch_inputs, prompt_ids, select,
+                  tiny_llava)
 
 ATTN = ["sdpa", "eager"]
 TEXT = ["llama", "qwen2"]
@@ -132,15 +133,10 @@ def test_cached_generate_equals_uncached(attn):
     model = tiny_llava("qwen2", attn)
     inputs = batch_inputs([prompt_ids(3, 5, seed=7), prompt_ids(2, 2, seed=8)], seed=9)
     method = leanvlm.FastV(layer=1, keep=0.25)
-    kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with method.apply(model):
-        cached = model.generate(**inputs, **kwargs)
-        uncached = model.generate(**inputs, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for a, b in zip(cached.logits, uncached.logits):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        cached = assert_cached_equals_uncached(model, inputs)
     # the method changed the computation (otherwise this test would prove nothing)
-    plain = model.generate(**inputs, **kwargs)
+    plain = model.generate(**inputs, max_new_tokens=8, **GENERATE_LOGITS)
     assert not torch.allclose(plain.logits[0], cached.logits[0])
 
 

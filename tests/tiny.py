@@ -72,3 +72,18 @@ def select(inputs: dict[str, torch.Tensor], row: int, images_per_prompt: int = 1
 def with_cache(model, cache) -> dict:
     """{name: cache} for `model`'s forward, under the cache parameter the installed transformers names."""
     return {cache_keyword(model.forward): cache}
+
+
+#: generate kwargs of the cached == uncached checks: greedy, with the per-step logits
+GENERATE_LOGITS = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+def assert_cached_equals_uncached(model, inputs: dict, max_new_tokens: int = 8):
+    """Generate with and without the KV cache (under whatever method is applied to `model`): the same tokens
+    and per-step logits (atol = rtol = 1e-4). -> the cached generate output."""
+    cached = model.generate(**inputs, max_new_tokens=max_new_tokens, **GENERATE_LOGITS)
+    uncached = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=False, **GENERATE_LOGITS)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    return cached
