@@ -86,7 +86,6 @@ class Session:
     decoded: int = 0  # tokens appended to the session's cache by cached decode steps so far
     # [B, prompt_length] float32 log(size) of every prompt slot (0 for unmerged tokens and text), or None
     key_bias: torch.Tensor | None = None
-    prompt_valid: torch.Tensor | None = None  # [B, prompt_length] bool: the prompt slots that are not padding
 
     @property
     def original_length(self) -> int:
@@ -335,8 +334,7 @@ class AppliedMethod:
                                       self.adapter.protected_placeholders(kwargs, items if reduced else None))
         key_bias = self._key_bias(layout, items) if self.proportional and reduced else None
         if phase is Phase.PREFILL:
-            self.session = Session(input_ids, prompt_mask, visual_inputs, layout.visual.shape[1], shrunk, key_bias=key_bias,
-                                   prompt_valid=layout.valid)
+            self.session = Session(input_ids, prompt_mask, visual_inputs, layout.visual.shape[1], shrunk, key_bias=key_bias)
         return ForwardState(phase, self.session, layout=layout, visual_in=visual_in, visual_items=items,
                             key_bias=key_bias), kwargs
 
@@ -453,8 +451,10 @@ class AppliedMethod:
         if key not in fwd.overrides:
             if earlier:
                 kept = session.decisions[group]
-            else:  # every prompt slot but the padding, which masks built from positions would not exclude
-                kept = torch.where(session.prompt_valid, torch.arange(session.prompt_length, device=session.key_bias.device), FILLER)
+            else:  # every prompt slot but the padding, which masks built from positions would not exclude (a key
+                # bias means a merge, so the prompt was shrunk: its mask marks the padding)
+                valid = session.shrunk.attention_mask.bool()
+                kept = torch.where(valid, torch.arange(session.prompt_length, device=valid.device), FILLER)
             total = fwd.past_length + num_queries
             device = kept.device
             tail = torch.arange(session.prompt_length, total, device=device).expand(kept.shape[0], -1)
