@@ -24,9 +24,21 @@ import torch
 
 import leanvlm
 from leanvlm.methods.aim import ProgressivePrune, TokenMerge
+from leanvlm.ops.schedule import default_prune_layers
 from leanvlm.real_model import load_real_model
 from leanvlm.real_model.data import fresh_easyvqa, scenes
 from leanvlm.real_model.evaluate import evaluate
+
+#: The bundled image model's LLM depth (SmolLM2-135M) and the SPEC's pruning window for it, 15-23: every row
+#: measured before the per-modality defaults ran with it and merged to 25% (`spec_aim`).
+BUNDLED_LAYERS = 30
+SPEC_WINDOW = default_prune_layers(BUNDLED_LAYERS, "video")
+
+
+def spec_aim(**options) -> leanvlm.AIM:
+    """AIM with the SPEC's defaults (merge to 25%, the SPEC window): what `AIM()` was before images got theirs."""
+    return leanvlm.AIM(**{"merge_keep": 0.25, "l1": SPEC_WINDOW[0], "l2": SPEC_WINDOW[1], **options})
+
 
 #: The LLM input every row before the original-positions / proportional-attention change was measured with:
 #: merged tokens at contiguous positions, attended as one token each.
@@ -39,42 +51,52 @@ CONFIGS: dict[str, tuple[str, Callable[[], leanvlm.Method] | None]] = {
     "plain": ("no reduction", None),
     "before": ("previous default: published schedule, float32 PageRank (underflow ties)",
                lambda: leanvlm.Compose(pre=[TokenMerge(0.25, pass_fraction=0.5, **CONTIGUOUS)],
-                                       llm=[ProgressivePrune(exact_ranking=False)])),
+                                       llm=[ProgressivePrune(*SPEC_WINDOW, exact_ranking=False)])),
     "published_exact": ("published schedule, underflow-free PageRank",
-                        lambda: leanvlm.AIM(merge_pass_fraction=0.5, importance="pagerank", **CONTIGUOUS)),
-    "published_merge_only": ("published schedule, merge only", lambda: leanvlm.AIM(prune=False, merge_pass_fraction=0.5, **CONTIGUOUS)),
+                        lambda: spec_aim(merge_pass_fraction=0.5, importance="pagerank", **CONTIGUOUS)),
+    "published_merge_only": ("published schedule, merge only", lambda: spec_aim(prune=False, merge_pass_fraction=0.5, **CONTIGUOUS)),
     "prune_only": ("prune only: AIM(merge_keep=1.0, importance='pagerank')",
-                   lambda: leanvlm.AIM(merge_keep=1.0, importance="pagerank", **CONTIGUOUS)),
+                   lambda: spec_aim(merge_keep=1.0, importance="pagerank", **CONTIGUOUS)),
     "published_text": ("published schedule, importance='text'",
-                       lambda: leanvlm.AIM(importance="text", merge_pass_fraction=0.5, **CONTIGUOUS)),
+                       lambda: spec_aim(importance="text", merge_pass_fraction=0.5, **CONTIGUOUS)),
     "published_key_merge_only": ("published schedule, key metric, merge only",
-                                 lambda: leanvlm.AIM(prune=False, merge_metric="key", merge_pass_fraction=0.5, **CONTIGUOUS)),
+                                 lambda: spec_aim(prune=False, merge_metric="key", merge_pass_fraction=0.5, **CONTIGUOUS)),
     "published_key": ("published schedule, key metric",
-                      lambda: leanvlm.AIM(merge_metric="key", merge_pass_fraction=0.5, importance="pagerank", **CONTIGUOUS)),
-    "merge_only": ("AIM(prune=False): quarter-per-pass merge only", lambda: leanvlm.AIM(prune=False, **CONTIGUOUS)),
-    "key_merge_only": ("AIM(prune=False, merge_metric='key')", lambda: leanvlm.AIM(prune=False, merge_metric="key", **CONTIGUOUS)),
+                      lambda: spec_aim(merge_metric="key", merge_pass_fraction=0.5, importance="pagerank", **CONTIGUOUS)),
+    "merge_only": ("AIM(prune=False): quarter-per-pass merge only", lambda: spec_aim(prune=False, **CONTIGUOUS)),
+    "key_merge_only": ("AIM(prune=False, merge_metric='key')", lambda: spec_aim(prune=False, merge_metric="key", **CONTIGUOUS)),
     "tenth_key_merge_only": ("AIM(prune=False, merge_metric='key', merge_pass_fraction=0.1)",
-                             lambda: leanvlm.AIM(prune=False, merge_metric="key", merge_pass_fraction=0.1, **CONTIGUOUS)),
+                             lambda: spec_aim(prune=False, merge_metric="key", merge_pass_fraction=0.1, **CONTIGUOUS)),
     "pagerank": ("AIM(importance='pagerank'): quarter-per-pass merge + underflow-free PageRank",
-                 lambda: leanvlm.AIM(importance="pagerank", **CONTIGUOUS)),
-    "key": ("AIM(merge_metric='key', importance='pagerank')", lambda: leanvlm.AIM(merge_metric="key", importance="pagerank", **CONTIGUOUS)),
+                 lambda: spec_aim(importance="pagerank", **CONTIGUOUS)),
+    "key": ("AIM(merge_metric='key', importance='pagerank')", lambda: spec_aim(merge_metric="key", importance="pagerank", **CONTIGUOUS)),
     "default_contiguous": ("previous AIM() default: quarter-per-pass merge + text importance, contiguous positions, "
-                           "no size bias", lambda: leanvlm.AIM(**CONTIGUOUS)),
+                           "no size bias", lambda: spec_aim(**CONTIGUOUS)),
     "late_prune": ("AIM(l1=18, l2=26): default merge, pruning 3 layers later",
-                   lambda: leanvlm.AIM(l1=18, l2=26, **CONTIGUOUS)),
+                   lambda: spec_aim(l1=18, l2=26, **CONTIGUOUS)),
     "merge30_prune12": ("AIM(merge_keep=0.3, l1=12, l2=24): lighter merge, earlier pruning",
-                        lambda: leanvlm.AIM(merge_keep=0.3, l1=12, l2=24, **CONTIGUOUS)),
+                        lambda: spec_aim(merge_keep=0.3, l1=12, l2=24, **CONTIGUOUS)),
     "merge35_prune10": ("AIM(merge_keep=0.35, l1=10, l2=20): lighter merge, earlier pruning",
-                        lambda: leanvlm.AIM(merge_keep=0.35, l1=10, l2=20, **CONTIGUOUS)),
+                        lambda: spec_aim(merge_keep=0.35, l1=10, l2=20, **CONTIGUOUS)),
     "merge_positions": ("AIM(prune=False, proportional_attention=False): merge only, original positions",
-                        lambda: leanvlm.AIM(prune=False, proportional_attention=False)),
+                        lambda: spec_aim(prune=False, proportional_attention=False)),
     "merge_proportional": ("AIM(prune=False, original_positions=False): merge only, proportional attention",
-                           lambda: leanvlm.AIM(prune=False, original_positions=False)),
+                           lambda: spec_aim(prune=False, original_positions=False)),
     "merge_now": ("AIM(prune=False): merge only, original positions + proportional attention",
-                  lambda: leanvlm.AIM(prune=False)),
-    "default": ("AIM() default: merge to 25% (original positions, proportional attention) + text-importance pruning",
+                  lambda: spec_aim(prune=False)),
+    "spec_biased_rank": ("SPEC schedule: merge to 25% (original positions, proportional attention) + text-importance "
+                         "pruning after layers 15-23 ranked by the attention the model paid (size bias included)",
+                         lambda: spec_aim()),
+    "spec_unbiased_rank": ("previous AIM() default: the SPEC schedule, pruning ranked by the unbiased attention",
+                           lambda: leanvlm.Compose(pre=[TokenMerge(0.25)],
+                                                   llm=[ProgressivePrune(*SPEC_WINDOW, size_biased_ranking=False)])),
+    "default": ("AIM() default on images: merge to 20% + pruning after layers 18-25 (= merge20_prune18)",
                 lambda: leanvlm.AIM()),
     "merge20_only": ("AIM(merge_keep=0.2, prune=False): merge only, to 20%", lambda: leanvlm.AIM(merge_keep=0.2, prune=False)),
+    "merge20_late": ("AIM(merge_keep=0.2, l1=24, l2=30): merge to 20%, pruning in the last 6 layers",
+                     lambda: leanvlm.AIM(merge_keep=0.2, l1=24, l2=30)),
+    "merge20_prune18": ("AIM(merge_keep=0.2, l1=18, l2=26): merge to 20%, pruning layers 18-25 (AIM() on images now)",
+                        lambda: leanvlm.AIM(merge_keep=0.2, l1=18, l2=26)),
     "visionzip": ("VisionZip()", lambda: leanvlm.VisionZip()),
     "itp": ("ITP()", lambda: leanvlm.ITP()),
 }

@@ -67,7 +67,9 @@ def count_confusion(model, processor, count: int, seed: int, batch_size: int) ->
     """Part 2: accuracy and answer -> prediction counts on the count questions, per configuration."""
     items = [item for item in scenes("heldout", count, seed) if item.qtype == "count"]
     results = {}
-    for name, method in (("plain", None), ("AIM()", leanvlm.AIM()), ("AIM(prune=False)", leanvlm.AIM(prune=False))):
+    # "AIM()" is the SPEC settings AIM() had on images when this was measured (merge to 25%, layers 15-23)
+    spec = dict(merge_keep=0.25, l1=15, l2=24)
+    for name, method in (("plain", None), ("AIM()", leanvlm.AIM(**spec)), ("AIM(prune=False)", leanvlm.AIM(**spec, prune=False))):
         predictions, _ = predict(model, processor, items, batch_size, method, progress=False)
         pairs = collections.Counter(f"{i.answer}->{p}" for i, p in zip(items, predictions))
         accuracy = sum(i.answer == p for i, p in zip(items, predictions)) / len(items)
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/aim-count.json"))
     args = parser.parse_args(argv)
     model, processor = load_real_model()
-    merge = objects_through_merge(model, processor, args.scenes, args.seed, leanvlm.AIM())
+    merge = objects_through_merge(model, processor, args.scenes, args.seed, leanvlm.AIM(merge_keep=0.25))
     print("objects through the merge:", merge, flush=True)
     result = {"scenes": args.scenes, "seed": args.seed, "objects_through_merge": merge,
               "count_questions": count_confusion(model, processor, args.scenes, args.seed, args.batch_size)}

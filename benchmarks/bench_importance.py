@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = config.hidden_size // heads
     method = AIM()
-    tokens = method.tokens_per_layer(config, visual_tokens=196, text_tokens=100, frames=args.frames)
+    tokens = method.tokens_per_layer(config, visual_tokens=196, text_tokens=100, frames=args.frames, kind="video")
     l1, l2 = default_prune_layers(config.num_hidden_layers)  # 12, 19 for 24 layers
     layer = Qwen2DecoderLayer(config, 0).eval()
     rotary = Qwen2RotaryEmbedding(config)

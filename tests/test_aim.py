@@ -10,8 +10,10 @@ from leanvlm import flops
 from leanvlm.models import get_adapter
 from leanvlm.ops.attention import received_attention
 from leanvlm.ops.importance import pagerank_importance
-from leanvlm.methods.aim import PASS_FRACTION
+from leanvlm.methods.aim import PASS_FRACTION, ProgressivePrune, TokenMerge
 from leanvlm.ops.merge import merge_tokens
+from leanvlm.ops.schedule import default_prune_layers
+from tiny_families import FAMILIES, image, video
 from tiny import (GENERATE_LOGITS, PATCHES, assert_cached_equals_uncached, batch_inputs, cache_of, prompt_ids, select,
                   tiny_llava, with_cache)
 
@@ -145,6 +147,29 @@ def test_merge_equals_hand_built_positions_and_proportional_attention(attn, orig
                 assert not torch.allclose(expected, merged_reference_logits(model, one, 0.375, False, False), atol=1e-3)
 
 
+def test_text_importance_after_a_merge_is_the_attention_the_model_paid():
+    """With proportional attention the model attends a merged token as its s patches (+log(s) on the logits):
+    the question's attention that ranks the pruning is the model's own eager attention at that layer, bias
+    included, not the unbiased recomputation."""
+    model = tiny_llava("llama", "eager", layers=4)
+    inputs = batch_inputs([prompt_ids(3, 6, seed=4)], seed=6)
+    recorded = {}
+
+    class RecordingPrune(ProgressivePrune):
+        def select(self, ctx):
+            selection = super().select(ctx)
+            recorded[ctx.layer] = (selection.scores, ctx.question)
+            return selection
+
+    method = leanvlm.Compose(pre=[TokenMerge(0.375)], llm=[RecordingPrune(l1=1, l2=3)])
+    with method.apply(model):
+        attentions = model(**inputs, output_attentions=True).attentions
+    scores, question = recorded[1]
+    probs = attentions[1].double()  # [1, H, N, N] over the slots layer 1 saw
+    expected = probs[:, :, question[0]].mean(dim=(1, 2))
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_merge_with_original_positions_decodes_cached_like_uncached(attn):
     """Merge only (no drop inside the LLM): every cached step still needs the key bias and the original
@@ -169,19 +194,51 @@ def test_merge_with_original_positions_decodes_cached_like_uncached(attn):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("importance", ["pagerank", "text"])
 def test_default_aim_follows_schedule_and_cached_equals_uncached(attn, importance):
-    model = tiny_llava("llama", attn, layers=8)  # default l1, l2 for 8 layers: 4, 6
+    model = tiny_llava("llama", attn, layers=8)  # image defaults for 8 layers: l1, l2 = 5, 7 (video: 4, 6)
+    assert default_prune_layers(8, "image") == (5, 7)
     inputs = batch_inputs([prompt_ids(3, 5, seed=1), prompt_ids(1, 9, seed=2)], seed=3)
     method = leanvlm.AIM(importance=importance)
     with method.apply(model):
         cached = assert_cached_equals_uncached(model, inputs)
         stats = method.stats
-    merged = PATCHES // 4
+    merged = 3  # an image merges to 20%: 16 -> 3 tokens
     for sample in stats.samples:
         assert sample.visual_in == PATCHES and sample.visual_into_llm == merged
-        # layers 0..l1 see all, then keep(l) of the merged tokens: 1/2 after layer 4, none from layer 6 on
-        assert sample.layer_visual_tokens == [merged] * 5 + [merged // 2] + [0, 0]
+        # layers 0..l1 see all, then keep(l) of the merged tokens: 1/2 after layer 5, none from layer 7 on
+        assert sample.layer_visual_tokens == [merged] * 6 + [2] + [0]
     assert stats.samples[0].layer_tokens[-1] == 3 + 5
     assert not torch.allclose(model.generate(**inputs, max_new_tokens=8, **GENERATE_LOGITS).logits[0], cached.logits[0])
+
+
+def test_default_follows_each_samples_modality_in_a_mixed_batch():
+    """AIM() on a LLaVA-OneVision batch of an image prompt and a video prompt: the image sample runs exactly as
+    AIM(merge_keep=0.2) with the image window, the video sample as AIM(merge_keep=0.25) with the SPEC's window,
+    alone (logits) and in the batch (token counts per layer; this tiny OneVision's video row differs between
+    batch and alone even without a method, so the batch's logits are not compared)."""
+    fam = FAMILIES["llava_onevision"]
+    model = fam.build("sdpa", layers=10)
+    image_window, video_window = default_prune_layers(10, "image"), default_prune_layers(10, "video")
+    assert image_window == (6, 9) and video_window == (5, 8)
+    prompts = [[2, image(1), 5], [3, video(2, 4), 4]]
+    explicit = [leanvlm.AIM(merge_keep=0.2, l1=6, l2=9), leanvlm.AIM(merge_keep=0.25, l1=5, l2=8)]
+    method = leanvlm.AIM()
+    with method.apply(model):
+        model(**fam.inputs(model, prompts))
+        batch_stats = method.stats.samples
+    for row, (prompt, reference) in enumerate(zip(prompts, explicit)):
+        one = fam.inputs(model, [prompt])
+        with reference.apply(model):
+            expected = model(**one).logits[:, -1]
+            expected_stats = reference.stats.samples[0]
+        with method.apply(model):
+            torch.testing.assert_close(model(**one).logits[:, -1], expected, atol=1e-5, rtol=0)
+            assert method.stats.samples[0].layer_visual_tokens == expected_stats.layer_visual_tokens
+        assert batch_stats[row].layer_visual_tokens == expected_stats.layer_visual_tokens
+        l1, l2 = (image_window, video_window)[row]
+        visual = expected_stats.layer_visual_tokens
+        assert visual[:l1 + 1] == [visual[0]] * (l1 + 1) and 0 < visual[l1 + 1] < visual[0] and visual[l2:] == [0] * (10 - l2)
+    # the two windows and merge ratios differ, so the rows tell the modalities apart
+    assert batch_stats[0].visual_into_llm / batch_stats[0].visual_in < batch_stats[1].visual_into_llm / batch_stats[1].visual_in
 
 
 def test_batch_equals_samples_one_by_one():
@@ -198,11 +255,11 @@ def test_batch_equals_samples_one_by_one():
 
 
 def test_video_frames_are_merged_per_frame_never_across():
-    """LLaVA-1.5 style video: each frame is one image in the prompt; merging keeps 25% of EVERY frame."""
+    """LLaVA-1.5 style video: each frame is one image in the prompt; merging to 25% keeps 25% of EVERY frame."""
     model = tiny_llava("llama", "sdpa", layers=8)
     frames = 4
     inputs = batch_inputs([prompt_ids(2, 5, images=frames, seed=6)], seed=7, images_per_prompt=frames)
-    method = leanvlm.AIM(prune=False)
+    method = leanvlm.AIM(merge_keep=0.25, prune=False)
     applied = method.apply(model)
     captured = []
     stage = applied.pre_stages[0]
@@ -317,8 +374,6 @@ def test_default_importance_is_text_for_images_and_videos():
     """AIM() ranks by the question's attention on both modalities (measured on the bundled image and video
     models, docs/methods/aim.md): in one mixed batch both samples are pruned exactly as with
     importance="text", and PageRank ranks differently."""
-    from tiny_families import FAMILIES, image, video
-
     family = FAMILIES["llava_onevision"]
     model = family.build(layers=4)
     inputs = family.inputs(model, [[3, image(0), 4], [2, video(1), 3]])

@@ -340,3 +340,18 @@ def test_fastv_method_plan_matches_the_analytic_fastv():
         planned = flops("llava-1.5-7b", image=True, method=FastV(layer=layer, keep=keep))
         analytic = flops("llava-1.5-7b", image=True, method="fastv", layer=layer, keep=keep)
         assert planned.per_layer_tokens == analytic.per_layer_tokens
+
+
+@pytest.mark.parametrize("image", [True, False])
+def test_calculator_aim_follows_aims_per_modality_defaults(image):
+    """`leanvlm flops --method aim` plans what AIM() runs: an image merges to 20% and prunes in the image
+    window, a video keeps the SPEC's 25% and window (the paper's accounting test above is the video case)."""
+    import leanvlm
+
+    kind, frames = ("image", 1) if image else ("video", 8)
+    report = flops("llava-onevision-0.5b", image=image, frames=None if image else frames, method="aim")
+    method = flops("llava-onevision-0.5b", image=image, frames=None if image else frames, method=leanvlm.AIM())
+    assert report.per_layer_tokens == method.per_layer_tokens
+    spec = flops("llava-onevision-0.5b", image=image, frames=None if image else frames, method="aim",
+                 merge_keep=0.25, l1=12, l2=19)
+    assert (report.per_layer_tokens == spec.per_layer_tokens) is (kind == "video")

@@ -53,3 +53,21 @@ def test_default_prune_layers_is_always_usable(num_layers):
 def test_default_prune_layers_rejects_empty_models():
     with pytest.raises(ValueError, match="got 0"):
         default_prune_layers(0)
+
+
+def test_image_window_prunes_later_than_the_video_one():
+    assert default_prune_layers(30, "image") == (18, 26)  # the bundled model's measured image window
+    assert default_prune_layers(28, "image") == (17, 24)  # published depths keep the SPEC only for video
+    assert default_prune_layers(1, "image") == (0, 1)
+    for layers in range(4, 129):
+        image, video = default_prune_layers(layers, "image"), default_prune_layers(layers, "video")
+        assert 0 <= image[0] < image[1] <= layers
+        assert image[0] >= video[0] and image[1] >= video[1]
+    with pytest.raises(ValueError, match="modality must be 'image' or 'video', got 'audio'"):
+        default_prune_layers(30, "audio")
+
+
+def test_default_merge_keep_per_modality():
+    from leanvlm.ops.schedule import default_merge_keep
+
+    assert default_merge_keep("image") == 0.2 and default_merge_keep("video") == 0.25

@@ -89,3 +89,25 @@ def test_received_attention_matches_dense_masked_softmax(batch, heads, n, chunk,
     torch.testing.assert_close(got, probs.mean(dim=(1, 2)), rtol=1e-5, atol=1e-6)
     assert torch.isfinite(got).all()
     assert (got[~valid] == 0).all()
+
+
+@settings(deadline=None, max_examples=30)
+@given(st.integers(2, 8), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_received_attention_with_log_size_bias_equals_attention_to_copies(n, copies, seed):
+    """key_bias = log(s) on one key = that key repeated s times (proportional attention): the biased attention it
+    receives is the sum over its copies, every other key's is unchanged."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 2, n, 4, generator=g), torch.randn(1, 1, n, 4, generator=g)
+    pos = torch.arange(n)[None]
+    valid = torch.ones(1, n, dtype=torch.bool)
+    bias = torch.zeros(1, n)
+    bias[0, 0] = torch.tensor(float(copies)).log()
+    got = received_attention(q, k, pos, pos, valid, 0.5, chunk_size=3, key_bias=bias)
+    # the same keys with key 0 repeated `copies` times at position 0
+    repeated = torch.cat([k[:, :, :1].expand(-1, -1, copies, -1), k[:, :, 1:]], dim=2)
+    rep_pos = torch.cat([torch.zeros(1, copies, dtype=torch.long), pos[:, 1:]], dim=1)
+    dense = received_attention(q, repeated, pos, rep_pos, torch.ones(1, n + copies - 1, dtype=torch.bool), 0.5)
+    expected = torch.cat([dense[:, :copies].sum(dim=1, keepdim=True), dense[:, copies:]], dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if copies > 1:
+        assert not torch.allclose(got, received_attention(q, k, pos, pos, valid, 0.5), atol=1e-4)

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from leanvlm.ops.merge import merge_schedule
-from leanvlm.ops.schedule import default_prune_layers, progressive_keep
+from leanvlm.ops.schedule import Modality, default_merge_keep, default_prune_layers, progressive_keep
 
 TERA = 1e12
 
@@ -606,12 +606,14 @@ def fastv_tokens_per_layer(
 @dataclass(frozen=True)
 class Workload:
     """One prefill: `frames` encoder units of `tokens_per_frame` visual tokens each (an image crop, a
-    video frame, or a Qwen2-VL temporal patch of 2 frames: the unit AIM merges within) + text tokens."""
+    video frame, or a Qwen2-VL temporal patch of 2 frames: the unit AIM merges within) + text tokens.
+    kind: "image" or "video" (methods with per-modality defaults, e.g. AIM, plan by it)."""
 
     llm: LLMShape
     tokens_per_frame: int
     frames: int
     text_tokens: int
+    kind: Modality = "image"
 
     @property
     def visual_tokens(self) -> int:
@@ -632,7 +634,7 @@ class MethodCost:
 def aim_cost(
     w: Workload,
     *,
-    merge_keep: float = 0.25,
+    merge_keep: float | None = None,
     l1: int | None = None,
     l2: int | None = None,
     prune: bool = True,
@@ -644,7 +646,11 @@ def aim_cost(
     """AIM (SPEC 1): merging per frame, then progressive pruning. Overhead: merging every frame on a metric
     of merge_channels (default: the projector output, i.e. the LLM hidden size) + one importance scoring
     per pruning layer that actually has to choose (0 < kept < present); the text variant uses all
-    text tokens as queries (an upper bound for the question)."""
+    text tokens as queries (an upper bound for the question). merge_keep, l1, l2 None: AIM's defaults for
+    the workload's modality (`ops.schedule`: video 0.25 and the SPEC's layers, images 0.2 and later layers)."""
+    merge_keep = default_merge_keep(w.kind) if merge_keep is None else merge_keep
+    default_l1, default_l2 = default_prune_layers(w.llm.layers, w.kind)
+    l1, l2 = default_l1 if l1 is None else l1, default_l2 if l2 is None else l2
     args = (w.tokens_per_frame, w.frames, w.text_tokens, w.llm.layers, merge_keep, l1, l2, prune)
     tokens = aim_tokens_per_layer(*args, accounting=accounting)
     schedule = merge_schedule(w.tokens_per_frame, merge_keep)
@@ -658,7 +664,7 @@ def aim_cost(
     return MethodCost(tokens, overhead)
 
 
-def merge_cost(w: Workload, *, merge_keep: float = 0.25, merge_channels: int | None = None) -> MethodCost:
+def merge_cost(w: Workload, *, merge_keep: float | None = None, merge_channels: int | None = None) -> MethodCost:
     """AIM's merging alone (no in-LLM pruning)."""
     return aim_cost(w, merge_keep=merge_keep, prune=False, merge_channels=merge_channels)
 
@@ -684,6 +690,9 @@ def stages_cost(method: Any, w: Workload) -> MethodCost:
     pre-LLM stages per frame, then `planned_keep` after each in-LLM stage's layers). Stages do not report
     their own FLOPs, so the overhead is 0 (not counted)."""
     pre, llm = method.stages()
+    # per-modality defaults resolved for the workload's kind (duck-typed stages without for_kind plan as they are)
+    pre, llm = ([getattr(stage, "for_kind", lambda kind, s=stage: s)(w.kind) for stage in stages]
+                for stages in (pre, llm))
     per_frame = w.tokens_per_frame
     for stage in pre:
         per_frame = stage.planned_tokens(per_frame)
@@ -805,7 +814,8 @@ def flops(
         units = images
         per_unit = preset.image_tokens if visual_tokens_per_frame is None else visual_tokens_per_frame
         text = preset.image_text_tokens if text_tokens is None else text_tokens
-    workload = Workload(llm=preset.llm, tokens_per_frame=per_unit, frames=units, text_tokens=text)
+    workload = Workload(llm=preset.llm, tokens_per_frame=per_unit, frames=units, text_tokens=text,
+                        kind="video" if video else "image")
 
     method_name, cost = _method_cost(workload, method, per_layer_tokens, overhead_flops, method_options)
     if len(cost.per_layer_tokens) != preset.llm.layers:

@@ -435,12 +435,13 @@ def prompt_shape(loaded: LoadedModel, item: Any) -> tuple[int, int]:
 
 
 def analytic_ratio(method: Method, config: Any, visual_tokens: int, text_tokens: int, frames: int = 1) -> float:
-    """Full / method analytic LLM prefill FLOPs of `method` on one image (or `frames` frames) of
+    """Full / method analytic LLM prefill FLOPs of `method` on one image (or a video of `frames` frames) of
     `visual_tokens` in all + text."""
     from leanvlm import flops as F
 
     shape = F.LLMShape.from_config(config)
-    workload = F.Workload(llm=shape, tokens_per_frame=visual_tokens // frames, frames=frames, text_tokens=text_tokens)
+    workload = F.Workload(llm=shape, tokens_per_frame=visual_tokens // frames, frames=frames, text_tokens=text_tokens,
+                          kind="video" if frames > 1 else "image")
     base = F.llm_prefill_flops(workload.base_tokens_per_layer(), shape)
     return base / F.llm_prefill_flops(F.stages_cost(method, workload).per_layer_tokens, shape)
 

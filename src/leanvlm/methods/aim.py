@@ -3,14 +3,14 @@ arXiv 2412.03248), as specified in SPEC section 1.
 
 Two stages:
 1. `TokenMerge` (before the LLM): iterative bipartite soft matching per image / video frame on the
-   projector output, down to `merge_keep` of the tokens (default 25%), at most `merge_pass_fraction` of
-   a frame's tokens a pass (default a quarter: 196 -> 147 -> 111 -> 84 -> 63 -> 49; the SPEC's 0.5:
-   196 -> 98 -> 49).
+   projector output, down to `merge_keep` of the tokens (default: 20% of an image, 25% of a video frame),
+   at most `merge_pass_fraction` of a frame's tokens a pass (default a quarter: 196 -> 147 -> 111 -> 84 ->
+   63 -> 49; the SPEC's 0.5: 196 -> 98 -> 49).
 2. `ProgressivePrune` (inside the LLM): after every layer l in [l1, l2) keep the fraction keep(l) of the
    visual tokens that entered the LLM (linear from 1 to 0), ranked by the attention the question's tokens
-   pay to them at that layer (`importance="text"`, the default, measured below) or by the SPEC's
-   PageRank-style multi-modal importance of that layer's attention (`importance="pagerank"`: tau 0.1,
-   5 iterations, RMS over heads); layers >= l2 see no visual token.
+   pay to them at that layer, a merged token's log(size) bias included (`importance="text"`, the default,
+   measured below) or by the SPEC's PageRank-style multi-modal importance of that layer's attention
+   (`importance="pagerank"`: tau 0.1, 5 iterations, RMS over heads); layers >= l2 see no visual token.
 
 Deviations from the published code (SPEC): merged tokens keep raster order (the code leaves unmerged
 sources in score order); merging uses the size-weighted mean by default (measured in `ops.merge`);
@@ -32,6 +32,12 @@ attention): `original_positions` / `proportional_attention`, on the families who
 their patches (LLaVA-1.5, Gemma 3, InternVL, Idefics3 / SmolVLM; the runtime does both). The AIM code feeds
 merged tokens at contiguous positions with plain attention; on the bundled image model that cost the merge
 1.7 points on held-out scenes, and with both the merge alone equals the full model (docs/methods/aim.md).
+
+Defaults per modality (`ops.schedule`): video frames merge to 25% and are pruned in the SPEC's window (28
+layers -> 14/22); images merge to 20% and are pruned later, between 0.6 L and 0.87 L (30 layers -> 18/26).
+On the bundled models (held-out data, docs/methods/aim.md) the SPEC's window cost images 1.6 / 2.2 points of
+held-out scenes at 3.89x, the image one -0.3 / 0.7 at 4.13x; on clips the image settings cost video 3.0 /
+4.5 points where the SPEC's cost -0.5 / 3.0.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from leanvlm.methods._frames import frame_signal
 from leanvlm.methods.base import LLMStage, Method, PreLLMStage, Selection, check_fraction, keep_count
 from leanvlm.ops.importance import CHUNK_ROWS, pagerank_importance, ranking_importance
 from leanvlm.ops.merge import merge_schedule, merge_tokens
-from leanvlm.ops.schedule import default_prune_layers, progressive_keep
+from leanvlm.ops.schedule import Modality, check_modality, default_merge_keep, default_prune_layers, progressive_keep
 from leanvlm.ops.select import pack_right
 from leanvlm.runtime.context import LayerContext
 from leanvlm.runtime.visual import VisualItem
@@ -66,8 +72,9 @@ PASS_FRACTION = 0.25
 class TokenMerge(PreLLMStage):
     """Merge every frame down to `keep` of its tokens by iterative bipartite soft matching.
 
-    metric: what the similarity is computed on — "features" (the projector output itself, SPEC default)
-    or "key" (the key of the vision layer the projector reads, per patch, as the published LLaVA-1.5
+    keep: None merges to the modality's default (`ops.schedule.default_merge_keep`: images 0.2, video frames
+    0.25, by the item's kind). metric: what the similarity is computed on — "features" (the projector output
+    itself, SPEC default) or "key" (the key of the vision layer the projector reads, per patch, as the published LLaVA-1.5
     recipe and ToMe do; SPEC option). weighted: size-weighted mean (default) or plain mean of a merge group.
     original_positions: a merged token keeps its destination patch's 1-D position and the text after the
     image its own (1-D RoPE families; M-RoPE ones always keep them). proportional_attention: every LLM layer
@@ -75,7 +82,7 @@ class TokenMerge(PreLLMStage):
     families whose placeholder runs are exactly the patches (LLaVA-1.5, the grid families, Idefics3 / SmolVLM).
     """
 
-    keep: float = 0.25
+    keep: float | None = None
     weighted: bool = True
     metric: MergeMetric = "features"
     #: at most this fraction of a frame's tokens is merged away per pass (ops.merge.merge_schedule);
@@ -85,17 +92,26 @@ class TokenMerge(PreLLMStage):
     proportional_attention: bool = True
 
     def __post_init__(self) -> None:
-        check_fraction("merge_keep", self.keep)
+        if self.keep is not None:
+            check_fraction("merge_keep", self.keep)
         if self.metric not in ("features", "key"):
             raise ValueError(f"merge metric must be 'features' or 'key', got {self.metric!r}")
         merge_schedule(2, 0.5, self.pass_fraction)  # validates it
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"keys"}) if self.metric == "key" and self.keep < 1.0 else frozenset()
+        return frozenset({"keys"}) if self.metric == "key" and self.keep != 1.0 else frozenset()
+
+    def keep_for(self, kind: str) -> float:
+        """The merge ratio for an item of this kind ("image" / "video")."""
+        return default_merge_keep("video" if kind == "video" else "image") if self.keep is None else self.keep
+
+    def for_kind(self, kind: Modality) -> TokenMerge:
+        return replace(self, keep=self.keep_for(kind))
 
     def reduce(self, item: VisualItem) -> VisualItem:
-        if self.keep == 1.0:
+        keep = self.keep_for(item.kind)
+        if keep == 1.0:
             return item
         frames, origin, groups = [], [], []
         # Frames with equal token counts are merged as one batch (rows never mix).
@@ -105,7 +121,7 @@ class TokenMerge(PreLLMStage):
             metric = None
             if self.metric == "key":  # [F, T, D] keys of the current tokens (float32: cosine of small norms)
                 metric = torch.stack([frame_signal(item, "keys", i, "AIM's key merge metric") for i in rows]).float()
-            result = merge_tokens(torch.stack([item.frames[i] for i in rows]), metric, self.keep, weighted=self.weighted,
+            result = merge_tokens(torch.stack([item.frames[i] for i in rows]), metric, keep, weighted=self.weighted,
                                   pass_fraction=self.pass_fraction)
             for j, i in enumerate(rows):
                 frames.append(result.tokens[j])
@@ -115,14 +131,16 @@ class TokenMerge(PreLLMStage):
         return replace(item, frames=frames, origin=origin, groups=groups)
 
     def planned_tokens(self, tokens_per_frame: int) -> int:
-        # the token count does not depend on the schedule's pass sizes, only on keep
-        return tokens_per_frame - sum(merge_schedule(tokens_per_frame, self.keep))
+        # the token count does not depend on the schedule's pass sizes, only on keep (None: the image default;
+        # analytics of a video resolve the stage with for_kind("video") first)
+        return tokens_per_frame - sum(merge_schedule(tokens_per_frame, self.keep_for("image")))
 
 
 @dataclass
 class ProgressivePrune(LLMStage):
     """After each layer l in [l1, l2), keep round(keep(l) * V) visual tokens (V: visual tokens that
-    entered the LLM), chosen by importance. l1/l2 None: `default_prune_layers` of the model's depth."""
+    entered the LLM), chosen by importance. l1/l2 None: `default_prune_layers` of the model's depth and the
+    sample's modality (a video sample: its prompt holds the model's video token), or of `modality` if set."""
 
     l1: int | None = None
     l2: int | None = None
@@ -135,14 +153,25 @@ class ProgressivePrune(LLMStage):
     #: rank by the underflow-free importance (`ops.importance.ranking_importance`); False: the published
     #: code's float32 scores, whose underflowed zeros tie and keep the earliest tokens (for ablations)
     exact_ranking: bool = True
+    #: text importance: rank by the attention the model paid, log(size) bias of merged tokens included
+    #: (proportional attention); False: the unbiased q/k attention (for ablations)
+    size_biased_ranking: bool = True
+    #: the modality whose default window applies to every sample (None: each sample's own)
+    modality: Modality | None = None
 
     def __post_init__(self) -> None:
         if self.importance not in ("pagerank", "text"):
             raise ValueError(f"importance must be 'pagerank' or 'text', got {self.importance!r}")
+        if self.modality is not None:
+            check_modality(self.modality)
 
-    def resolve(self, num_layers: int) -> tuple[int, int]:
-        """(l1, l2) for a model of this depth, validated."""
-        default_l1, default_l2 = default_prune_layers(num_layers)
+    def for_kind(self, kind: Modality) -> ProgressivePrune:
+        return self if self.modality is not None else replace(self, modality=kind)
+
+    def resolve(self, num_layers: int, kind: Modality | None = None) -> tuple[int, int]:
+        """(l1, l2) for a model of this depth and inputs of this modality (`modality`, when set, wins; neither:
+        images), validated."""
+        default_l1, default_l2 = default_prune_layers(num_layers, self.modality or kind or "image")
         l1 = default_l1 if self.l1 is None else self.l1
         l2 = default_l2 if self.l2 is None else self.l2
         for name, value in (("l1", l1), ("l2", l2)):
@@ -153,23 +182,30 @@ class ProgressivePrune(LLMStage):
         return l1, l2
 
     def layers(self, num_layers: int) -> list[int]:
-        l1, l2 = self.resolve(num_layers)
-        return list(range(l1, l2))
+        windows = [self.resolve(num_layers, kind) for kind in ("image", "video")]
+        return list(range(min(l1 for l1, _ in windows), max(l2 for _, l2 in windows)))
 
-    def _target(self, layer: int, num_layers: int, visual_into_llm: torch.Tensor) -> torch.Tensor:
-        fraction = progressive_keep(layer, *self.resolve(num_layers))
-        return keep_count(fraction, visual_into_llm, at_least_one=fraction > 0)
+    def _target(self, layer: int, num_layers: int, visual_into_llm: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        """[B] visual tokens to keep after `layer`: each sample by its modality's window (video [B] bool)."""
+        image, video_fraction = (progressive_keep(layer, *self.resolve(num_layers, kind)) for kind in ("image", "video"))
+        as_tensor = lambda value: torch.tensor(value, dtype=torch.float64, device=video.device)  # noqa: E731
+        # float64, as flops.kept_count rounds: the runtime keeps exactly the planned counts
+        fraction = torch.where(video, as_tensor(video_fraction), as_tensor(image))
+        count = keep_count(fraction, visual_into_llm)
+        return torch.where(fraction > 0, count, 0)
 
     def select(self, ctx: LayerContext) -> Selection:
         candidates = ctx.visual
         available = candidates.sum(dim=1)
-        keep = torch.minimum(self._target(ctx.layer, ctx.num_layers, ctx.visual_into_llm), available)
+        target = self._target(ctx.layer, ctx.num_layers, ctx.visual_into_llm, ctx.layout.video.to(available.device))
+        keep = torch.minimum(target, available)
         if bool((keep >= available).all()) or bool((keep == 0).all()):
             # Nothing to rank: everything stays, or every visual token goes.
             return Selection(torch.zeros(candidates.shape, device=candidates.device), candidates, keep)
         if self.importance == "text":
             rows = pack_right(ctx.question)
-            scores = ctx.attention_from(rows.clamp(min=0), rows >= 0, chunk_size=self.chunk_size)
+            scores = ctx.attention_from(rows.clamp(min=0), rows >= 0, chunk_size=self.chunk_size,
+                                        key_bias=self.size_biased_ranking)
         else:
             queries, keys, scale = ctx.queries_keys(None)
             options = dict(tau=self.tau, iterations=self.iterations, chunk_size=self.chunk_size)
@@ -187,13 +223,14 @@ class ProgressivePrune(LLMStage):
 @dataclass
 class AIM(Method):
     """AIM: merge to `merge_keep` per frame before the LLM, then prune progressively between layers l1
-    and l2 (None: SPEC defaults for the model's depth: 28 layers -> 14/22, 32 -> 13/21, else 0.5 L /
-    0.79 L). `merge_keep=1.0, prune=False` drops nothing.
+    and l2. None: the modality's default (`ops.schedule`), measured on the bundled models — video frames
+    merge to 0.25 and prune between the SPEC's layers (28 layers -> 14/22, 32 -> 13/21, else 0.5 L / 0.79 L),
+    images merge to 0.2 and prune between 0.6 L and 0.87 L. `merge_keep=1.0, prune=False` drops nothing.
 
     `AIM.for_budget(model, flops_ratio=1/7, ...)` picks merge_keep, l1 and l2 for a FLOPs budget.
     """
 
-    merge_keep: float = 0.25
+    merge_keep: float | None = None
     prune: bool = True
     l1: int | None = None
     l2: int | None = None
@@ -205,14 +242,13 @@ class AIM(Method):
     proportional_attention: bool = True
 
     def __post_init__(self) -> None:
-        check_fraction("merge_keep", self.merge_keep)
-        self._merge_stage()  # validates the merge options early
+        self._merge_stage()  # validates merge_keep and the merge options early
         ProgressivePrune(self.l1, self.l2, self.importance)  # validates importance early
         if self.l1 is not None and self.l2 is not None and self.l2 <= self.l1:
             raise ValueError(f"AIM needs l2 > l1, got l1={self.l1}, l2={self.l2}")
 
     def stages(self) -> tuple[Sequence[PreLLMStage], Sequence[LLMStage]]:
-        pre = [self._merge_stage()] if self.merge_keep < 1.0 else []
+        pre = [self._merge_stage()] if self.merge_keep != 1.0 else []
         llm = [ProgressivePrune(self.l1, self.l2, self.importance)] if self.prune else []
         return pre, llm
 
@@ -267,12 +303,15 @@ class AIM(Method):
         return cls(merge_keep=merge_keep, prune=prune, l1=l1 if prune else None, l2=l2 if prune else None,
                    importance=importance)
 
-    def tokens_per_layer(self, model_or_config: Any, visual_tokens: int, text_tokens: int, frames: int = 1) -> list[int]:
-        """Analytic tokens each decoder layer computes on (what leanvlm executes)."""
+    def tokens_per_layer(self, model_or_config: Any, visual_tokens: int, text_tokens: int, frames: int = 1,
+                         kind: Modality = "image") -> list[int]:
+        """Analytic tokens each decoder layer computes on (what leanvlm executes) for `frames` images / crops
+        (kind="image") or video frames (kind="video") of `visual_tokens` each."""
+        check_modality(kind)
         layers = _llm_shape(model_or_config).layers
-        l1, l2 = ProgressivePrune(self.l1, self.l2).resolve(layers) if self.prune else (None, None)
-        return flops_model.aim_tokens_per_layer(visual_tokens, frames, text_tokens, layers, self.merge_keep, l1, l2,
-                                                self.prune)
+        l1, l2 = ProgressivePrune(self.l1, self.l2).resolve(layers, kind) if self.prune else (None, None)
+        return flops_model.aim_tokens_per_layer(visual_tokens, frames, text_tokens, layers,
+                                                self._merge_stage().keep_for(kind), l1, l2, self.prune)
 
 
 def _llm_shape(model_or_config: Any) -> flops_model.LLMShape:

@@ -24,7 +24,7 @@ computes on (`SampleStats.layer_visual_tokens`, measured by `visual_budget`). Ho
   so the layer mean equals b (see `PyramidDrop.budget_options`).
 - itp: none: its stage 1 keeps an input-dependent count (the knee), so a sweep runs it at its own options
   and reports the budget it reached.
-- aim: default l1 / l2 for the depth; P = the mean over layers of the progressive-prune fraction (runtime
+- aim: the SPEC's (video) default l1 / l2 for the depth, passed explicitly; P = the mean over layers of the progressive-prune fraction (runtime
   accounting: layers 0..l1 see all, layer l sees keep(l - 1)); merge_keep = b / P with pruning when b <= P,
   else merge_keep = b without pruning.
 """
@@ -111,15 +111,18 @@ def _num_layers(model_or_layers: Any) -> int:
 
 
 def _aim_prune_mean(num_layers: int) -> float:
-    l1, l2 = default_prune_layers(num_layers)
+    l1, l2 = default_prune_layers(num_layers, "video")
     fractions = [1.0 if layer <= l1 else progressive_keep(layer - 1, l1, l2) for layer in range(num_layers)]
     return sum(fractions) / num_layers
 
 
 def _aim_budget(keep_fraction: float, num_layers: int) -> dict[str, Any]:
+    # the SPEC's (video) window, named explicitly: AIM's image default prunes later, and the mean above is
+    # this window's
     prune_mean = _aim_prune_mean(num_layers)
     if keep_fraction <= prune_mean:
-        return {"merge_keep": keep_fraction / prune_mean, "prune": True}
+        l1, l2 = default_prune_layers(num_layers, "video")
+        return {"merge_keep": keep_fraction / prune_mean, "prune": True, "l1": l1, "l2": l2}
     return {"merge_keep": keep_fraction, "prune": False}
 
 

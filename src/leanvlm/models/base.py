@@ -89,6 +89,13 @@ class ModelAdapter(ABC):
                 if i is not None]
 
     @property
+    def video_token_ids(self) -> list[int]:
+        """Placeholder ids that mark a video (the config's video token id; [] for image-only models): a sample
+        holding one is a video sample for methods with per-modality defaults."""
+        video = getattr(self.model.config, "video_token_id", None)
+        return [] if video is None else [int(video)]
+
+    @property
     def pad_token_id(self) -> int:
         pad = getattr(self.text_config, "pad_token_id", None)
         return 0 if pad is None else int(pad)

@@ -79,12 +79,14 @@ def attention_probability_chunks(
     key_valid: torch.Tensor,
     scale: float,
     chunk_size: int = 512,
+    key_bias: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, probs) for consecutive query chunks; probs is [B, H, chunk, Nk] float32.
 
     queries [B, H, Nq, d], keys [B, Hkv, Nk, d] (RoPE already applied), query_pos [B, Nq],
-    key_pos [B, Nk], key_valid [B, Nk] bool. A query row with no allowed key (a padding slot) gets all
-    zeros instead of NaN.
+    key_pos [B, Nk], key_valid [B, Nk] bool. key_bias [B, Nk] float (or None): added to every query's logit
+    of that key, as the model's attention mask adds it (proportional attention's log(size)). A query row
+    with no allowed key (a padding slot) gets all zeros instead of NaN.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -93,6 +95,8 @@ def attention_probability_chunks(
         stop = min(start + chunk_size, queries.shape[2])
         q = queries[:, :, start:stop].float() * scale  # scaling [c, d] is cheaper than scaling [c, Nk]
         logits, has_key = masked_logits(q, keys, query_pos[:, start:stop], key_pos, key_valid)
+        if key_bias is not None:
+            logits += key_bias[:, None, None, :].float()
         probs = torch.softmax(logits, dim=-1)
         if not bool(has_key.all()):
             probs.nan_to_num_(nan=0.0)
@@ -108,17 +112,19 @@ def received_attention(
     scale: float,
     query_valid: torch.Tensor | None = None,
     chunk_size: int = 512,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention each key receives, averaged over heads and over the valid queries. -> float32 [B, Nk].
 
-    Shapes as in `attention_probability_chunks`; query_valid [B, Nq] bool (default: all valid).
+    Shapes and key_bias as in `attention_probability_chunks`; query_valid [B, Nq] bool (default: all valid).
     FastV uses one query (the last token); text-relevance methods use the question's tokens.
     """
     batch, _, num_queries, _ = queries.shape
     if query_valid is None:
         query_valid = torch.ones(batch, num_queries, dtype=torch.bool, device=queries.device)
     total = torch.zeros(batch, keys.shape[2], dtype=torch.float32, device=queries.device)
-    for start, probs in attention_probability_chunks(queries, keys, query_pos, key_pos, key_valid, scale, chunk_size):
+    for start, probs in attention_probability_chunks(queries, keys, query_pos, key_pos, key_valid, scale, chunk_size,
+                                                     key_bias):
         weight = query_valid[:, start : start + probs.shape[2]].float()  # [B, c]
         total += torch.einsum("bhqk,bq->bk", probs, weight)
     num_valid = query_valid.sum(dim=1).clamp(min=1).float() * queries.shape[1]

@@ -17,20 +17,22 @@ class TokenLayout:
 
     visual: image/video placeholder tokens; valid: attention-mask 1 (not padding); question: the
     instruction, i.e. the valid text tokens after the sample's last visual token (all valid text tokens
-    when the sample has none after it).
+    when the sample has none after it). video [B] bool: the samples whose prompt holds a video placeholder.
     """
 
     visual: torch.Tensor
     valid: torch.Tensor
     question: torch.Tensor
+    video: torch.Tensor
 
     @classmethod
     def from_ids(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, visual_ids: list[int],
-                 protected: torch.Tensor | None = None) -> TokenLayout:
+                 protected: torch.Tensor | None = None, video_ids: list[int] | None = None) -> TokenLayout:
         """input_ids [B, N0] long, attention_mask [B, N0] (or None: all valid).
 
         protected [B, N0] bool (or None): placeholder positions that carry a separator the model inserts
         itself (LLaVA-OneVision's image newline). They are neither visual (never reduced) nor question tokens.
+        video_ids: the model's video placeholder ids (None or []: an image-only model).
         """
         placeholder = torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device))
         valid = torch.ones_like(placeholder) if attention_mask is None else attention_mask.bool()
@@ -41,7 +43,9 @@ class TokenLayout:
         text = valid & ~placeholder
         after = text & (positions > last_visual)
         question = torch.where(after.any(dim=1, keepdim=True), after, text)
-        return cls(visual=visual, valid=valid, question=question)
+        video = (torch.isin(input_ids, torch.tensor(video_ids, device=input_ids.device)) & valid).any(dim=1) if video_ids \
+            else torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return cls(visual=visual, valid=valid, question=question, video=video)
 
 
 QueryKeyFn = Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, float]]
@@ -53,7 +57,9 @@ class LayerContext:
 
     index [B, N]: each current slot's position in this forward's layer-0 sequence (-1 = filler slot that
     only keeps the batch rectangular). Positions are in causal order, so they double as the masking
-    positions of `ops.attention`.
+    positions of `ops.attention`. key_bias [B, N0] float32 or None: the log(size) the model adds to its
+    attention logits of each layer-0 slot (proportional attention of merged tokens), so that recomputed
+    attention is the attention the model paid.
     """
 
     layer: int
@@ -63,6 +69,7 @@ class LayerContext:
     layout: TokenLayout
     visual_into_llm: torch.Tensor  # [B] long: visual tokens at layer 0
     query_key: QueryKeyFn = field(repr=False)
+    key_bias: torch.Tensor | None = None
 
     def _role(self, mask: torch.Tensor) -> torch.Tensor:
         return gather_slots(mask, self.index, fill=False)
@@ -96,14 +103,16 @@ class LayerContext:
         """
         return self.query_key(rows)
 
-    def attention_from(self, rows: torch.Tensor, rows_valid: torch.Tensor | None = None, chunk_size: int = 512) -> torch.Tensor:
+    def attention_from(self, rows: torch.Tensor, rows_valid: torch.Tensor | None = None, chunk_size: int = 512,
+                       key_bias: bool = True) -> torch.Tensor:
         """Attention every slot receives from the query slots `rows` [B, R], head- and query-averaged.
 
-        rows_valid [B, R] bool marks real query rows. -> [B, N] float32.
+        rows_valid [B, R] bool marks real query rows. key_bias: include the model's log(size) bias of merged
+        tokens (the attention it paid); False: the unbiased q/k attention. -> [B, N] float32.
         """
         queries, keys, scale = self.queries_keys(rows)
         key_pos = self.index
         query_pos = torch.gather(key_pos, 1, rows)
-        return received_attention(
-            queries, keys, query_pos, key_pos, self.present, scale, query_valid=rows_valid, chunk_size=chunk_size
-        )
+        bias = None if self.key_bias is None or not key_bias else gather_slots(self.key_bias, self.index, fill=0.0)
+        return received_attention(queries, keys, query_pos, key_pos, self.present, scale, query_valid=rows_valid,
+                                  chunk_size=chunk_size, key_bias=bias)

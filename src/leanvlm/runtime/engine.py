@@ -331,7 +331,8 @@ class AppliedMethod:
         mask = kwargs.get("attention_mask")
         layout = TokenLayout.from_ids(kwargs["input_ids"], mask if mask is not None and mask.dim() == 2 else None,
                                       self.adapter.visual_token_ids,
-                                      self.adapter.protected_placeholders(kwargs, items if reduced else None))
+                                      self.adapter.protected_placeholders(kwargs, items if reduced else None),
+                                      self.adapter.video_token_ids)
         key_bias = self._key_bias(layout, items) if self.proportional and reduced else None
         if phase is Phase.PREFILL:
             self.session = Session(input_ids, prompt_mask, visual_inputs, layout.visual.shape[1], shrunk, key_bias=key_bias)
@@ -544,6 +545,7 @@ class AppliedMethod:
             visual_into_llm=fwd.layout.visual.sum(dim=1),
             query_key=lambda rows: self.adapter.query_key(attn, attn_hidden, position_embeddings, rows,
                                                           projections=fwd.projections),
+            key_bias=fwd.key_bias,
         )
         with torch.no_grad():  # ranking is not differentiable; keep it out of any autograd graph
             selection = stage.select(ctx)

@@ -74,6 +74,11 @@ class LLMStage(ABC):
         replays it on uncached generation steps, like the drop itself."""
         return None
 
+    def for_kind(self, kind: str) -> LLMStage:
+        """This stage with any per-modality default resolved for inputs of `kind` ("image" / "video"), for
+        analytic plans (the runtime resolves them per sample). Default: the stage itself."""
+        return self
+
     def planned_keep(self, layer: int, num_layers: int, visual_into_llm: int, visual_now: int) -> int:
         """Analytic visual-token count after `layer` of a `num_layers`-deep model (for FLOPs budgets), given
         the count that entered the LLM and the count at this layer. Input-dependent stages estimate."""
@@ -99,6 +104,11 @@ class PreLLMStage(ABC):
     @abstractmethod
     def reduce(self, item: VisualItem) -> VisualItem:
         """Return the item with fewer tokens per frame (order kept, `origin` and `groups` updated)."""
+
+    def for_kind(self, kind: str) -> PreLLMStage:
+        """This stage with any per-modality default resolved for inputs of `kind` ("image" / "video"), for
+        analytic plans (the runtime resolves them per item). Default: the stage itself."""
+        return self
 
     def planned_tokens(self, tokens_per_frame: int) -> int:
         """Analytic tokens per frame after this stage (estimate for input-dependent stages)."""
