@@ -35,9 +35,9 @@ merged tokens at contiguous positions with plain attention; on the bundled image
 
 Defaults per modality (`ops.schedule`): video frames merge to 25% and are pruned in the SPEC's window (28
 layers -> 14/22); images merge to 20% and are pruned later, between 0.6 L and 0.87 L (30 layers -> 18/26).
-On the bundled models (held-out data, docs/methods/aim.md) the SPEC's window cost images 1.6 / 2.2 points of
-held-out scenes at 3.89x, the image one -0.3 / 0.7 at 4.13x; on clips the image settings cost video 3.0 /
-4.5 points where the SPEC's cost -0.5 / 3.0.
+On the bundled models (held-out data, docs/methods/aim.md) the SPEC's settings cost images 1.6 / 2.2 points
+of held-out scenes at 3.89x, the image ones 0.3 points pooled over three draws at 4.13x; on clips the image
+settings cost video 3.0 / 4.5 points where the SPEC's cost -0.5 / 3.0.
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ computes on (`SampleStats.layer_visual_tokens`, measured by `visual_budget`). Ho
   so the layer mean equals b (see `PyramidDrop.budget_options`).
 - itp: none: its stage 1 keeps an input-dependent count (the knee), so a sweep runs it at its own options
   and reports the budget it reached.
-- aim: the SPEC's (video) default l1 / l2 for the depth, passed explicitly; P = the mean over layers of the progressive-prune fraction (runtime
-  accounting: layers 0..l1 see all, layer l sees keep(l - 1)); merge_keep = b / P with pruning when b <= P,
-  else merge_keep = b without pruning.
+- aim: the SPEC's (video) default l1 / l2 for the depth, passed explicitly; P = the mean over layers of the
+  progressive-prune fraction (runtime accounting: layers 0..l1 see all, layer l sees keep(l - 1));
+  merge_keep = b / P with pruning when b <= P, else merge_keep = b without pruning.
 """
 
 from __future__ import annotations

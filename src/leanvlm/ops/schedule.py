@@ -6,8 +6,9 @@ kept AFTER decoder layer `l`: layers 0..l1 see all of them, layer l1 + 1 sees ke
 
 Defaults per modality (`default_merge_keep`, `default_prune_layers`): videos keep the SPEC's (merge every
 frame to 25%, prune from half the depth); images merge to 20% and prune later, as measured on the bundled
-30-layer image and video models (docs/methods/aim.md: on held-out scenes the SPEC's image schedule lost
-1.6-2.2 points at 3.89x, this one 0.3 / -0.7 at 4.13x; on clips this one lost 3.0-4.5 points).
+30-layer image and video models (docs/methods/aim.md: on held-out scenes the SPEC's schedule lost images
+1.6 / 2.2 points at 3.89x, this one 0.3 points pooled over three draws at 4.13x; on clips it lost video 3.0 /
+4.5 points).
 """
 
 from __future__ import annotations
