@@ -384,3 +384,10 @@ def test_default_importance_is_text_for_images_and_videos():
             logits[importance] = model(**inputs).logits[:, -1]
     torch.testing.assert_close(logits[None], logits["text"], atol=1e-5, rtol=0)
     assert not torch.allclose(logits["text"], logits["pagerank"], atol=1e-4)  # the two rankings do differ
+
+
+def test_one_bound_alone_works_for_images_and_videos():
+    """AIM(l1=...) past the video window's default l2 still has a window for both modalities."""
+    assert leanvlm.AIM(l1=25).stages()[1][0].layers(30) == [25]  # (25, 26) for both modalities
+    tokens = leanvlm.AIM(l1=25).tokens_per_layer("llava-onevision-7b", 196, 20, frames=8, kind="video")  # 28 layers
+    assert tokens[25] > 20 and tokens[26:] == [20, 20]

@@ -71,3 +71,13 @@ def test_default_merge_keep_per_modality():
     from leanvlm.ops.schedule import default_merge_keep
 
     assert default_merge_keep("image") == 0.2 and default_merge_keep("video") == 0.25
+
+
+def test_one_given_bound_fits_every_modality():
+    from leanvlm.ops.schedule import prune_window
+
+    assert prune_window(30, "image") == (18, 26) and prune_window(30, "video") == (15, 24)
+    assert prune_window(30, "video", l1=25) == (25, 26)  # the video default l2 (24) moves past l1
+    assert prune_window(30, "image", l1=10) == (10, 26)  # a default that already fits stays
+    assert prune_window(30, "image", l2=12) == (11, 12)
+    assert prune_window(30, "video", 3, 5) == (3, 5)

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from leanvlm.ops.merge import merge_schedule
-from leanvlm.ops.schedule import Modality, default_merge_keep, default_prune_layers, progressive_keep
+from leanvlm.ops.schedule import Modality, default_merge_keep, progressive_keep, prune_window
 
 TERA = 1e12
 
@@ -569,19 +569,17 @@ def aim_tokens_per_layer(
 
     Merging keeps merge_keep of every frame (196 -> 49 at 0.25), so V = frames * merged enter the LLM.
     With prune, pruning follows `ops.schedule.progressive_keep` on V; l1/l2 default to
-    `default_prune_layers(num_layers)`. accounting="runtime": layer l sees text + round(V keep(l-1))
-    (layers 0..l1 all, layers >= l2 none; what leanvlm executes). accounting="paper": layer l sees
-    text + round(V keep(l)) (the AIM paper's FLOPs script; reproduces its 14.76 TFLOPs).
+    `ops.schedule.prune_window(num_layers, "video", l1, l2)` (the SPEC's). accounting="runtime": layer l sees
+    text + round(V keep(l-1)) (layers 0..l1 all, layers >= l2 none; what leanvlm executes).
+    accounting="paper": layer l sees text + round(V keep(l)) (the AIM paper's FLOPs script; reproduces its
+    14.76 TFLOPs).
     """
     if accounting not in ("runtime", "paper"):
         raise ValueError(f"accounting must be 'runtime' or 'paper', got {accounting!r}")
     visual = frames * merged_tokens_per_frame(visual_tokens_per_frame, merge_keep)
     if not prune:
         return [text_tokens + visual] * num_layers
-    if l1 is None or l2 is None:
-        default_l1, default_l2 = default_prune_layers(num_layers)
-        l1 = default_l1 if l1 is None else l1
-        l2 = default_l2 if l2 is None else l2
+    l1, l2 = prune_window(num_layers, "video", l1, l2)
     shift = 1 if accounting == "runtime" else 0
     return [
         text_tokens + (visual if layer - shift < 0 else kept_count(visual, progressive_keep(layer - shift, l1, l2)))
@@ -649,8 +647,7 @@ def aim_cost(
     text tokens as queries (an upper bound for the question). merge_keep, l1, l2 None: AIM's defaults for
     the workload's modality (`ops.schedule`: video 0.25 and the SPEC's layers, images 0.2 and later layers)."""
     merge_keep = default_merge_keep(w.kind) if merge_keep is None else merge_keep
-    default_l1, default_l2 = default_prune_layers(w.llm.layers, w.kind)
-    l1, l2 = default_l1 if l1 is None else l1, default_l2 if l2 is None else l2
+    l1, l2 = prune_window(w.llm.layers, w.kind, l1, l2)
     args = (w.tokens_per_frame, w.frames, w.text_tokens, w.llm.layers, merge_keep, l1, l2, prune)
     tokens = aim_tokens_per_layer(*args, accounting=accounting)
     schedule = merge_schedule(w.tokens_per_frame, merge_keep)

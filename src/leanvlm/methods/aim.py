@@ -53,7 +53,7 @@ from leanvlm.methods._frames import frame_signal
 from leanvlm.methods.base import LLMStage, Method, PreLLMStage, Selection, check_fraction, keep_count
 from leanvlm.ops.importance import CHUNK_ROWS, pagerank_importance, ranking_importance
 from leanvlm.ops.merge import merge_schedule, merge_tokens
-from leanvlm.ops.schedule import Modality, check_modality, default_merge_keep, default_prune_layers, progressive_keep
+from leanvlm.ops.schedule import Modality, check_modality, default_merge_keep, progressive_keep, prune_window
 from leanvlm.ops.select import pack_right
 from leanvlm.runtime.context import LayerContext
 from leanvlm.runtime.visual import VisualItem
@@ -139,7 +139,7 @@ class TokenMerge(PreLLMStage):
 @dataclass
 class ProgressivePrune(LLMStage):
     """After each layer l in [l1, l2), keep round(keep(l) * V) visual tokens (V: visual tokens that
-    entered the LLM), chosen by importance. l1/l2 None: `default_prune_layers` of the model's depth and the
+    entered the LLM), chosen by importance. l1/l2 None: `prune_window` of the model's depth and the
     sample's modality (a video sample: its prompt holds the model's video token), or of `modality` if set."""
 
     l1: int | None = None
@@ -171,9 +171,7 @@ class ProgressivePrune(LLMStage):
     def resolve(self, num_layers: int, kind: Modality | None = None) -> tuple[int, int]:
         """(l1, l2) for a model of this depth and inputs of this modality (`modality`, when set, wins; neither:
         images), validated."""
-        default_l1, default_l2 = default_prune_layers(num_layers, self.modality or kind or "image")
-        l1 = default_l1 if self.l1 is None else self.l1
-        l2 = default_l2 if self.l2 is None else self.l2
+        l1, l2 = prune_window(num_layers, self.modality or kind or "image", self.l1, self.l2)
         for name, value in (("l1", l1), ("l2", l2)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int layer index, got {value!r}")

@@ -75,3 +75,15 @@ def default_prune_layers(num_layers: int, kind: Modality = "video") -> tuple[int
     l1 = min(_round_half_up(start * num_layers), num_layers - 1)
     l2 = min(max(_round_half_up(stop * num_layers), l1 + 1), num_layers)
     return l1, l2
+
+
+def prune_window(num_layers: int, kind: Modality = "video", l1: int | None = None, l2: int | None = None) -> tuple[int, int]:
+    """(l1, l2) with the None ones taken from `default_prune_layers(num_layers, kind)`. A default next to a
+    given bound moves to keep l1 < l2 (l1=25 alone on a 30-layer model: l2 = 26 for video, whose default l2
+    is 24), so one bound fits every modality. Not validated: the caller checks the result against its model."""
+    default_l1, default_l2 = default_prune_layers(num_layers, kind)
+    if l1 is not None and l2 is None:
+        return l1, max(default_l2, l1 + 1)
+    if l2 is not None and l1 is None:
+        return min(default_l1, l2 - 1), l2
+    return (default_l1, default_l2) if l1 is None else (l1, l2)
