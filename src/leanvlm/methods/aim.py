@@ -185,10 +185,10 @@ class ProgressivePrune(LLMStage):
 
     def _target(self, layer: int, num_layers: int, visual_into_llm: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
         """[B] visual tokens to keep after `layer`: each sample by its modality's window (video [B] bool)."""
-        image, video_fraction = (progressive_keep(layer, *self.resolve(num_layers, kind)) for kind in ("image", "video"))
-        as_tensor = lambda value: torch.tensor(value, dtype=torch.float64, device=video.device)  # noqa: E731
-        # float64, as flops.kept_count rounds: the runtime keeps exactly the planned counts
-        fraction = torch.where(video, as_tensor(video_fraction), as_tensor(image))
+        # [image, video] fractions in float64, as flops.kept_count rounds: the runtime keeps the planned counts
+        by_kind = torch.tensor([progressive_keep(layer, *self.resolve(num_layers, kind)) for kind in ("image", "video")],
+                               dtype=torch.float64, device=video.device)
+        fraction = by_kind[video.long()]  # [B]
         count = keep_count(fraction, visual_into_llm)
         return torch.where(fraction > 0, count, 0)
 
