@@ -74,8 +74,8 @@ class TokenMerge(PreLLMStage):
 
     keep: None merges to the modality's default (`ops.schedule.default_merge_keep`: images 0.2, video frames
     0.25, by the item's kind). metric: what the similarity is computed on — "features" (the projector output
-    itself, SPEC default) or "key" (the key of the vision layer the projector reads, per patch, as the published LLaVA-1.5
-    recipe and ToMe do; SPEC option). weighted: size-weighted mean (default) or plain mean of a merge group.
+    itself, SPEC default) or "key" (the key of the vision layer the projector reads, per patch, as the
+    published LLaVA-1.5 recipe and ToMe do; SPEC option). weighted: size-weighted mean (default) or plain mean of a merge group.
     original_positions: a merged token keeps its destination patch's 1-D position and the text after the
     image its own (1-D RoPE families; M-RoPE ones always keep them). proportional_attention: every LLM layer
     attends to a token that stands for s patches as to s copies (ToMe's log(s) logit bias). Both apply on
@@ -186,8 +186,8 @@ class ProgressivePrune(LLMStage):
     def _target(self, layer: int, num_layers: int, visual_into_llm: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
         """[B] visual tokens to keep after `layer`: each sample by its modality's window (video [B] bool)."""
         # [image, video] fractions in float64, as flops.kept_count rounds: the runtime keeps the planned counts
-        by_kind = torch.tensor([progressive_keep(layer, *self.resolve(num_layers, kind)) for kind in ("image", "video")],
-                               dtype=torch.float64, device=video.device)
+        fractions = [progressive_keep(layer, *self.resolve(num_layers, kind)) for kind in ("image", "video")]
+        by_kind = torch.tensor(fractions, dtype=torch.float64, device=video.device)
         fraction = by_kind[video.long()]  # [B]
         count = keep_count(fraction, visual_into_llm)
         return torch.where(fraction > 0, count, 0)

@@ -84,9 +84,8 @@ class ModelAdapter(ABC):
     @property
     def visual_token_ids(self) -> list[int]:
         """Token ids that mark visual placeholders in input_ids (the config's image and video token ids)."""
-        config = self.model.config
-        return [int(i) for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
-                if i is not None]
+        image = getattr(self.model.config, "image_token_id", None)
+        return ([] if image is None else [int(image)]) + self.video_token_ids
 
     @property
     def video_token_ids(self) -> list[int]:

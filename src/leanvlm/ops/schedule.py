@@ -77,7 +77,8 @@ def default_prune_layers(num_layers: int, kind: Modality = "video") -> tuple[int
     return l1, l2
 
 
-def prune_window(num_layers: int, kind: Modality = "video", l1: int | None = None, l2: int | None = None) -> tuple[int, int]:
+def prune_window(num_layers: int, kind: Modality = "video", l1: int | None = None,
+                 l2: int | None = None) -> tuple[int, int]:
     """(l1, l2) with the None ones taken from `default_prune_layers(num_layers, kind)`. A default next to a
     given bound moves to keep l1 < l2 (l1=25 alone on a 30-layer model: l2 = 26 for video, whose default l2
     is 24), so one bound fits every modality. Not validated: the caller checks the result against its model."""

@@ -43,8 +43,9 @@ class TokenLayout:
         text = valid & ~placeholder
         after = text & (positions > last_visual)
         question = torch.where(after.any(dim=1, keepdim=True), after, text)
-        video = (torch.isin(input_ids, torch.tensor(video_ids, device=input_ids.device)) & valid).any(dim=1) if video_ids \
-            else torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        # torch.isin with an empty id list marks nothing: an image-only model has no video sample
+        video = (torch.isin(input_ids, torch.tensor(video_ids or [], dtype=input_ids.dtype, device=input_ids.device))
+                 & valid).any(dim=1)
         return cls(visual=visual, valid=valid, question=question, video=video)
 
 
