@@ -93,13 +93,16 @@ def remove_duplicates(x: torch.Tensor, count: int, step: int = 8) -> torch.Tenso
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
     unit = _unit(x)
+    # every pair's cosine once [R, R]: each round then gathers its A x B block instead of multiplying it
+    # again (~R / (2 step) rounds of an [R/2, C] x [C, R/2] product; 2-3x faster at R = 365-1458, C = 896)
+    similarity = unit @ unit.T
     remaining = torch.arange(x.shape[0], device=x.device)
     while remaining.numel() > count:
         first, second = remaining[0::2], remaining[1::2]
         drop = min(step, remaining.numel() - count, first.numel())
         if second.numel() == 0:  # a single row left and count == 0
             return remaining[:0]
-        scores = (unit[first] @ unit[second].T).max(dim=1).values  # [|A|]
+        scores = similarity[first[:, None], second[None, :]].max(dim=1).values  # [|A|]
         order = torch.sort(scores, descending=True, stable=True).indices
         remaining = torch.cat([first[order[drop:]], second])
     return remaining
