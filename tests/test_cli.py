@@ -300,3 +300,15 @@ def test_sweep_budget_search_reaches_a_seventh_on_short_clips(name):
     assert ratio == pytest.approx(analytic_ratio(method, config, 512, 37, 8))
     neighbours = [analytic_ratio(type(method)(keep=k / 64), config, 512, 37, 8) for k in range(6, 14)]
     assert abs(ratio - 7) == pytest.approx(min(abs(r - 7) for r in neighbours))
+
+
+def test_reported_drop_layers_follow_the_inputs_modality():
+    # AIM's window differs per modality (ops.schedule): the report must name the layers that actually drop
+    from leanvlm.methods.aim import AIM
+    from leanvlm.ops.schedule import default_prune_layers
+
+    for kind in ("image", "video"):
+        l1, l2 = default_prune_layers(30, kind)
+        assert cli._drop_layers(AIM(), 30, kind) == list(range(l1, l2))
+    assert cli._drop_layers(AIM(), 30, "image") != cli._drop_layers(AIM(), 30, "video")
+    assert cli._drop_layers(None, 30, "image") == []

@@ -138,11 +138,12 @@ def _generate(loaded: Any, method: Any, media: Any, question: str, max_new_token
     return text, applied.stats, seconds
 
 
-def _drop_layers(method: Any, num_layers: int) -> list[int]:
-    """The decoder layers after which the method's in-LLM stages drop tokens on a model of this depth."""
+def _drop_layers(method: Any, num_layers: int, kind: str) -> list[int]:
+    """The decoder layers after which the method's in-LLM stages drop tokens on a model of this depth, for
+    inputs of this kind ("image" / "video": AIM's window depends on it)."""
     if method is None:
         return []
-    return sorted({layer for stage in method.stages()[1] for layer in stage.layers(num_layers)})
+    return sorted({layer for stage in method.stages()[1] for layer in stage.for_kind(kind).layers(num_layers)})
 
 
 def _spans(layers: list[int]) -> str:
@@ -207,7 +208,7 @@ def run(
     report = {"answer": text, "method": method, "method_repr": describe_method(chosen),
               "options": method_options_dict(chosen), "model": loaded.name, "media": str(media),
               "kind": media_item[0], "seconds": seconds, **_sample_report(stats),
-              "drop_layers": _drop_layers(chosen, len(stats.samples[0].layer_tokens))}
+              "drop_layers": _drop_layers(chosen, len(stats.samples[0].layer_tokens), media_item[0])}
     if json_out:
         dump_json(report)
         return
@@ -609,7 +610,7 @@ def demo(
               "aim_answer": aim_text,
               "method_repr": describe_method(chosen, full=True), "plain_seconds": plain_seconds,
               "aim_seconds": aim_seconds, **_sample_report(aim_stats),
-              "drop_layers": _drop_layers(chosen, len(aim_stats.samples[0].layer_tokens))}
+              "drop_layers": _drop_layers(chosen, len(aim_stats.samples[0].layer_tokens), media[0])}
     if json_out:
         dump_json(report)
         return
