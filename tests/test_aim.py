@@ -147,6 +147,63 @@ def test_merge_equals_hand_built_positions_and_proportional_attention(attn, orig
                 assert not torch.allclose(expected, merged_reference_logits(model, one, 0.375, False, False), atol=1e-3)
 
 
+@pytest.mark.parametrize("head_dim", [8, 12])
+def test_key_bias_channel_equals_the_bias_in_a_mask(head_dim):
+    """runtime.attention: the bias carried in an extra q/k channel (causal kernel, no mask) gives SDPA's output
+    with the bias in an additive causal mask; GQA (4 query heads on 2 KV heads), scale given or default."""
+    from torch import nn
+    from leanvlm.runtime.attention import key_biased_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, head_dim, generator=g)
+    k, v = torch.randn(2, 2, 9, head_dim, generator=g), torch.randn(2, 2, 9, head_dim, generator=g)
+    bias = torch.rand(2, 9, generator=g) * 2
+    module = nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    for scaling in (None, 0.3):
+        scale = head_dim ** -0.5 if scaling is None else scaling
+        mask = torch.zeros(9, 9).masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask + bias[:, None, None, :], scale=scale)
+        got, _ = key_biased_sdpa(module, q, k, v, None, scaling=scaling, key_bias=bias)
+        torch.testing.assert_close(got, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_proportional_attention_on_sdpa_keeps_the_causal_fast_path(monkeypatch):
+    """On an SDPA model an unpadded prefill passes the key bias to runtime.attention (no mask: the kernel's
+    causal path), with the logits of the masked computation (eager), and the model's attention is SDPA again
+    after remove."""
+    from leanvlm.runtime import attention
+
+    sdpa, eager = tiny_llava("qwen2", "sdpa"), tiny_llava("qwen2", "eager")
+    one = batch_inputs([prompt_ids(3, 5, seed=1)], seed=4)
+    seen, original = [], attention.key_biased_sdpa
+
+    def spy(*args, key_bias=None, **kwargs):
+        seen.append((args[4], key_bias))  # (attention_mask, key_bias)
+        return original(*args, key_bias=key_bias, **kwargs)
+
+    monkeypatch.setattr(attention, "key_biased_sdpa", spy)  # what apply registers
+    monkeypatch.setattr(attention, "CHANNEL_MIN_TOKENS", 1)  # tiny prompts: take the channel anyway
+    with leanvlm.AIM(merge_keep=0.375).apply(sdpa):
+        fast = sdpa(**one).logits
+    with leanvlm.AIM(merge_keep=0.375).apply(eager):
+        masked = eager(**one).logits
+    with leanvlm.AIM(merge_keep=0.375, proportional_attention=False).apply(eager):
+        unbiased = eager(**one).logits
+    torch.testing.assert_close(fast, masked, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(fast, unbiased, atol=1e-3)  # the bias matters here: a dropped one would show
+    assert seen and all(mask is None for mask, _ in seen)
+    assert sum(bias is not None and bool(bias.max() > 0) for _, bias in seen) >= 2  # layers 0.. until the drop
+    assert sdpa.config.get_text_config()._attn_implementation == "sdpa"
+    # shorter than CHANNEL_MIN_TOKENS: the bias goes into a mask, same logits
+    seen.clear()
+    monkeypatch.setattr(attention, "CHANNEL_MIN_TOKENS", 10_000)
+    with leanvlm.AIM(merge_keep=0.375).apply(sdpa):
+        torch.testing.assert_close(sdpa(**one).logits, masked, atol=1e-4, rtol=1e-4)
+    assert all(bias is None for _, bias in seen) and any(mask is not None for mask, _ in seen)
+
+
 def test_text_importance_after_a_merge_is_the_attention_the_model_paid():
     """With proportional attention the model attends a merged token as its s patches (+log(s) on the logits):
     the question's attention that ranks the pruning is the model's own eager attention at that layer, bias

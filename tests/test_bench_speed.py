@@ -70,5 +70,8 @@ def test_tiny_run_writes_table_json_and_plot(tmp_path):
     for row in rows:
         assert row["speedup"] > 0 and row["gemm_rate_vs_plain"] > 0 and 0 <= row["reduction_share"] < 1
     assert rows[0]["gemm_rate_vs_plain"] == 1.0 and rows[1]["flops_ratio"] > 1
+    # fewer tokens a layer: a smaller attention share, so halving the scores helps the plain prompt more
+    assert 1 < rows[1]["causal_flops_ratio"] < rows[1]["flops_ratio"] and rows[0]["causal_flops_ratio"] == 1.0
     assert {p.name for p in tmp_path.iterdir()} == {"speed-tiny.md", "speed-tiny.json", "speed-tiny.png"}
     assert "GEMM rate vs plain" in (tmp_path / "speed-tiny.md").read_text()
+    assert "speedup / causal FLOPs" in (tmp_path / "speed-tiny.md").read_text()

@@ -6,7 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from leanvlm.real_model.clips import CLIP_ANSWERS, CLIP_QUESTION_TYPES, FRAMES, FRAME_SIZE, clips
+import dataclasses
+
+from leanvlm.real_model.clips import (CLIP_ANSWERS, CLIP_QUESTION_TYPES, FRAMES, FRAME_SIZE, _every_question,
+                                    _make_objects, clips, played_backwards)
 from leanvlm.real_model.data import COLORS
 
 
@@ -62,6 +65,22 @@ def test_yes_and_no_both_occur_and_answers_are_varied():
     assert 0.3 < presence.count("no") / len(presence) < 0.7
     directions = [i.answer for i in items if i.qtype == "direction"]
     assert 0.35 < directions.count("left") / len(directions) < 0.65
+
+
+def test_played_backwards_answers_what_the_reversed_clip_shows():
+    # Reverse the objects themselves (visible interval mirrored, per-frame colours and positions reversed)
+    # and ask the generator's own questions of them: every row but order must equal played_backwards'.
+    rng = np.random.default_rng(5)
+    flips = set()
+    for _ in range(50):
+        objects = _make_objects(rng)
+        backwards = [dataclasses.replace(o, first=FRAMES - 1 - o.last, last=FRAMES - 1 - o.first,
+                                         colors=o.colors[::-1], xs=o.xs[::-1]) for o in objects]
+        expected = [row for row in _every_question(backwards) if row[2] != "order"]
+        got = played_backwards(_every_question(objects))
+        assert sorted(got) == sorted(expected)
+        flips |= {answer for _, answer, qtype in got if qtype == "direction"}
+    assert flips == {"left", "right"}
 
 
 def test_bad_arguments():

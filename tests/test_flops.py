@@ -94,6 +94,9 @@ def test_layer_flops_matches_spec_formula_on_small_numbers():
     # 2n(2d^2 + 2 d dkv + 3 d m) + 4 n^2 d + 5 H n^2 + 18 n d with n=2: 120 + 32 + 20 + 72
     assert layer_flops(2, shape) == 244
     assert layer_flops(0, shape) == 0
+    # causal: the attention terms over n (n + 1) / 2 = 3 pairs instead of 4: 120 + 24 + 15 + 72
+    assert layer_flops(2, shape, causal=True) == 231
+    assert layer_flops(1, shape, causal=True) == layer_flops(1, shape)  # one token: one pair either way
 
 
 def test_llm_prefill_adds_lm_head_once_and_checks_length():

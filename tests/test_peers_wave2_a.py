@@ -253,7 +253,7 @@ def test_dpp_past_the_kernel_rank_fills_by_the_diagonal():
 def test_vispruner_matches_the_reference(seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(37, 6, generator=g)
-    for count in (0, 5, 20, 36):
+    for count in (0, 5, 20, 36, 37):
         assert remove_duplicates(x, count, step=4).tolist() == reference_remove_duplicates(x, count, 4)
     attention = torch.rand(36, generator=g)
     frame = torch.randn(36, 6, generator=g)

@@ -449,11 +449,14 @@ PRESETS: dict[str, Preset] = {
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
-def layer_flops(n_tokens: int, shape: LLMShape) -> float:
-    """FLOPs of one decoder layer computing on n_tokens tokens (SPEC 1c exactly)."""
+def layer_flops(n_tokens: int, shape: LLMShape, causal: bool = False) -> float:
+    """FLOPs of one decoder layer computing on n_tokens tokens (SPEC 1c exactly). causal=True charges the
+    attention terms (4 n^2 d + 5 H n^2) for the n (n + 1) / 2 query-key pairs a causal kernel computes
+    instead of the n^2 the SPEC (and the papers) count: what SDPA's unmasked causal path executes."""
     n, d = float(n_tokens), float(shape.hidden)
     linear = 2 * n * (2 * d * d + 2 * d * shape.kv_dim + 3 * d * shape.intermediate)
-    return linear + 4 * n * n * d + 5 * shape.heads * n * n + 18 * n * d
+    pairs = n * (n + 1) / 2 if causal else n * n
+    return linear + 4 * pairs * d + 5 * shape.heads * pairs + 18 * n * d
 
 
 def lm_head_flops(shape: LLMShape, tokens: int = 1) -> float:
@@ -461,12 +464,14 @@ def lm_head_flops(shape: LLMShape, tokens: int = 1) -> float:
     return 2.0 * shape.hidden * shape.vocab * tokens
 
 
-def llm_prefill_flops(tokens_per_layer: Sequence[int], shape: LLMShape, lm_head_tokens: int = 1) -> float:
+def llm_prefill_flops(tokens_per_layer: Sequence[int], shape: LLMShape, lm_head_tokens: int = 1,
+                      causal: bool = False) -> float:
     """Prefill FLOPs: sum of `layer_flops` over the layers (one count per layer, len == shape.layers)
-    plus the LM head for `lm_head_tokens` tokens (1: the convention that reproduces the papers)."""
+    plus the LM head for `lm_head_tokens` tokens (1: the convention that reproduces the papers).
+    causal: count only the causal half of the attention scores (`layer_flops`)."""
     if len(tokens_per_layer) != shape.layers:
         raise ValueError(f"need one token count per layer ({shape.layers}), got {len(tokens_per_layer)}")
-    return sum(layer_flops(n, shape) for n in tokens_per_layer) + lm_head_flops(shape, lm_head_tokens)
+    return sum(layer_flops(n, shape, causal) for n in tokens_per_layer) + lm_head_flops(shape, lm_head_tokens)
 
 
 def _vision_layer_flops(layer: int, shape: VisionShape) -> float:

@@ -154,6 +154,26 @@ def _every_question(objects: list[_Object]) -> list[tuple[str, str, str]]:
             *[(f"is there a {shape} in any frame?", "yes" if shape in present else "no", "presence") for shape in SHAPES]]
 
 
+_START_END = {"what color is the moving shape at the start?": "what color is the moving shape at the end?",
+              "what color is the moving shape at the end?": "what color is the moving shape at the start?"}
+
+
+def played_backwards(rows: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """The (question, answer, qtype) rows of a clip, re-asked of the same frames in reverse order (a training
+    augmentation that is exact on cached per-frame features): direction flips, the colour at the start is the
+    one at the end, count and presence stay. Order rows are dropped: "which shape appears first?" played
+    backwards asks which object is visible last, which the forward rows do not tell."""
+    flipped = []
+    for question, answer, qtype in rows:
+        if qtype == "direction":
+            flipped.append((question, "left" if answer == "right" else "right", qtype))
+        elif qtype == "color":
+            flipped.append((_START_END[question], answer, qtype))
+        elif qtype != "order":
+            flipped.append((question, answer, qtype))
+    return flipped
+
+
 def clips(split: str, n: int, seed: int = 0, every_question: bool = False) -> list[ClipItem]:
     """Questions (5 each, one per type) about `n` generated clips, deterministic in (split, seed).
 

@@ -22,9 +22,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from leanvlm.real_model.adapter import LORA_TARGETS, add_lora, adapter_state, save_adapter
-from leanvlm.real_model.clips import CLIP_ANSWERS, FRAMES, ClipItem, clips
+from leanvlm.real_model.clips import CLIP_ANSWERS, FRAMES, ClipItem, clips, played_backwards
 from leanvlm.real_model.features import cache_clip_features, load_features
 from leanvlm.real_model import train
 from leanvlm.real_model.train import Packer
@@ -78,6 +79,14 @@ def quick_eval(model, packer: Packer, data: ClipData, batch_clips: int = 4) -> d
                             clip_answer_token_ids(packer.processor))
 
 
+def _initial_params(source: str) -> dict[str, torch.Tensor]:
+    """Trainable tensors to start from: a run's ckpt.pt, or a weights directory (its adapter.safetensors uses
+    the same names: projector.*, lora.<path>.A/B, image_newline)."""
+    if os.path.isdir(source):
+        return load_file(os.path.join(source, "adapter.safetensors"))
+    return torch.load(source, weights_only=False)["params"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -89,12 +98,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr-lora", type=float, default=1e-3)
     ap.add_argument("--lr-newline", type=float, default=1e-2)
     ap.add_argument("--count-weight", type=float, default=2.0, help="loss weight of frame-counting questions")
+    ap.add_argument("--direction-weight", type=float, default=1.0, help="loss weight of direction questions")
+    ap.add_argument("--reverse", action="store_true",
+                    help="also train on each batch's clips played backwards (clips.played_backwards: direction "
+                         "flips, start/end colours swap), so the two orders differ only in time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=5)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--feature-dir", default=os.path.join(os.getcwd(), ".cache", "features"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--init-from", default=None, help="start from this run's ckpt.pt parameters (fresh optimiser)")
+    ap.add_argument("--init-from", default=None, help="start from a run's ckpt.pt or a weights directory's "
+                    "adapter.safetensors (same --lora-r; fresh optimiser)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the feature cache and training (fp32 master weights)")
     args = ap.parse_args(argv)
 
@@ -137,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     step = 0
     if args.init_from and not os.path.exists(ckpt_path):
         with torch.no_grad():
-            for k, v in torch.load(args.init_from, weights_only=False)["params"].items():
+            for k, v in _initial_params(args.init_from).items():
                 trainable[k].copy_(v)
     if os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
@@ -158,17 +172,22 @@ def main(argv: list[str] | None = None) -> None:
             f"{sum(len(g[2]) for g in evals.groups)}")
 
     per_epoch = len(train.groups) // args.batch_clips
+    qtype_weight = {"count": args.count_weight, "direction": args.direction_weight}
     model.train()
     t0, losses = time.time(), []
     while step < args.steps:
         epoch, k = divmod(step, per_epoch)
         perm = np.random.default_rng([args.seed, epoch]).permutation(len(train.groups))
         idx = perm[k * args.batch_clips:(k + 1) * args.batch_clips].tolist()
-        groups = [[(it.question, it.answer, args.count_weight if it.qtype == "count" else 1.0)
-                   for it in train.groups[g][2]] for g in idx]
+        rows = [[(it.question, it.answer, it.qtype) for it in train.groups[g][2]] for g in idx]
+        feats = [train.features(g) for g in idx]  # each [F, 256, 768]
+        if args.reverse:
+            rows += [played_backwards(r) for r in rows]
+            feats += [f.flip(0) for f in feats]
+        groups = [[(q, a, qtype_weight.get(t, 1.0)) for q, a, t in r] for r in rows]
         input_ids, pos, mask, targets, weights = packer.pack(groups)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            hidden = video_hidden(model, packer, torch.stack([train.features(g) for g in idx]), input_ids, pos, mask)
+            hidden = video_hidden(model, packer, torch.stack(feats), input_ids, pos, mask)
             sel = targets != -100
             logits = model.lm_head(hidden[sel])
         loss = (F.cross_entropy(logits.float(), targets[sel], reduction="none") * weights[sel]).sum() / weights[sel].sum()

@@ -32,8 +32,9 @@ Pre-LLM stages may ask for two things on families whose placeholder runs hold ex
 - `original_positions`: the reduced tokens keep their original 1-D positions (a merged token its
   destination's patch), the text after them too, and decoding continues from the original length;
 - `proportional_attention`: every layer adds log(size) to the attention logits of a key that stands for
-  `size` original patches (ToMe's proportional attention: it is attended like `size` copies), through an
-  additive mask, in the prompt and in every cached decode step.
+  `size` original patches (ToMe's proportional attention: it is attended like `size` copies), in the prompt
+  and in every cached decode step: through an additive mask, except in unpadded prompts on SDPA models, where
+  it rides in an extra attention channel (`runtime.attention`) so that the kernel keeps its causal fast path.
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from leanvlm.compat import cache_length, find_cache, sliding_window_of
 from leanvlm.models import get_adapter
 from leanvlm.ops.select import FILLER, gather_slots, merge_slots, pack_right, top_k_mask
+from leanvlm.runtime import attention
 from leanvlm.runtime.context import LayerContext, TokenLayout
 from leanvlm.runtime.masks import add_key_bias, decode_mask, reduced_attention_mask
 from leanvlm.runtime.stages import INSTRUCTION, HiddenMerge, LLMStage, check_layer
@@ -139,9 +142,9 @@ class AppliedMethod:
 
     def __init__(self, method: Method, model: nn.Module):
         self.adapter = get_adapter(model)
-        attention = getattr(self.adapter.text_config, "_attn_implementation", None)
-        if attention not in (None, "eager", "sdpa") and "flash" not in str(attention):
-            raise ValueError(f"leanvlm supports attn_implementation 'sdpa', 'eager' and flash attention, not {attention!r}; "
+        implementation = getattr(self.adapter.text_config, "_attn_implementation", None)
+        if implementation not in (None, "eager", "sdpa") and "flash" not in str(implementation):
+            raise ValueError(f"leanvlm supports attn_implementation 'sdpa', 'eager' and flash attention, not {implementation!r}; "
                              "load the model with attn_implementation='sdpa'")
         if model in _ACTIVE:
             other = type(_ACTIVE[model].method).__name__
@@ -165,9 +168,13 @@ class AppliedMethod:
         exact_runs = self.adapter.run_offsets_supported
         self.adapter.original_positions = exact_runs and any(stage.original_positions for stage in self.pre_stages)
         self.proportional = exact_runs and any(stage.proportional_attention for stage in self.pre_stages)
-        if self.proportional and "flash" in str(attention):
+        if self.proportional and "flash" in str(implementation):
             raise ValueError("proportional attention adds a bias to the attention logits, which flash attention cannot "
                              "take; load the model with attn_implementation='sdpa', or pass proportional_attention=False")
+        # proportional attention on an SDPA model: the bias rides in the attention function (runtime.attention),
+        # so unpadded prefills keep the kernel's causal fast path instead of a full-square masked call
+        self._biased_sdpa = (self.proportional and implementation == "sdpa"
+                             and isinstance(self.adapter.text_model, PreTrainedModel))
         self.vision_needs = self.needs - {INSTRUCTION}
         self._probe = self.adapter.install_vision_probe() if self.vision_needs else None
         self.session: Session | None = None  # the last prompt's, for uncached forwards that extend it
@@ -180,6 +187,9 @@ class AppliedMethod:
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def _install(self) -> None:
+        if self._biased_sdpa:
+            attention.register_key_biased_sdpa()
+            self.adapter.text_model.set_attn_implementation(attention.KEY_BIAS_SDPA)
         mm = self.adapter.multimodal_module
         self._handles.append(mm.register_forward_pre_hook(self._before_multimodal, with_kwargs=True))
         self._handles.append(mm.register_forward_hook(self._after_multimodal, always_call=True))
@@ -215,6 +225,8 @@ class AppliedMethod:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._biased_sdpa:
+            self.adapter.text_model.set_attn_implementation("sdpa")
         if self._probe is not None:
             self._probe.remove()
         if "generate" in vars(self.model):
@@ -427,14 +439,22 @@ class AppliedMethod:
             else:
                 override["position_embeddings"] = self.adapter.gather_position_embeddings(kwargs["position_embeddings"], index)
                 override["position_ids"] = self.adapter.gather_position_ids(kwargs.get("position_ids"), index)
-            if base is None and fwd.key_bias is None and not bool((index == FILLER).any()):
+            plain_causal = base is None and not bool((index == FILLER).any())
+            bias = None if fwd.key_bias is None else gather_slots(fwd.key_bias, index, fill=0.0)  # [B, N]
+            if bias is not None and not bool(bias.any()):
+                bias = None  # every merged token was dropped: nothing to add
+            channel = self._biased_sdpa and index.shape[1] >= attention.CHANNEL_MIN_TOKENS
+            if plain_causal and (bias is None or channel):
                 # The model left causality to its attention kernel (no padding); the kept slots are still in
-                # causal order with no holes, so that rule still holds and the kernel's fast causal path runs.
+                # causal order with no holes, so that rule still holds and the kernel's fast causal path runs
+                # (a key bias then rides in runtime.attention's extra channel instead of a mask).
                 mask = None
+                if bias is not None:
+                    override["key_bias"] = bias
             else:
                 mask = reduced_attention_mask(base, index, index, index)
-                if fwd.key_bias is not None:
-                    mask = add_key_bias(mask, gather_slots(fwd.key_bias, index, fill=0.0), dtype)
+                if bias is not None:
+                    mask = add_key_bias(mask, bias, dtype)
             fwd.overrides[key] = {"attention_mask": mask, **override}
         return fwd.overrides[key]
 
