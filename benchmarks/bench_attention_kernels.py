@@ -19,24 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanvlm.runtime.attention import key_biased_sdpa
-
-
-def timed(call, repeats: int) -> float:
-    call()  # warm-up
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_importance import median_seconds as timed  # noqa: E402
+from leanvlm.runtime.attention import key_biased_sdpa  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
