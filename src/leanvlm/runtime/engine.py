@@ -33,8 +33,9 @@ Pre-LLM stages may ask for two things on families whose placeholder runs hold ex
   destination's patch), the text after them too, and decoding continues from the original length;
 - `proportional_attention`: every layer adds log(size) to the attention logits of a key that stands for
   `size` original patches (ToMe's proportional attention: it is attended like `size` copies), in the prompt
-  and in every cached decode step: through an additive mask, except in unpadded prompts on SDPA models, where
-  it rides in an extra attention channel (`runtime.attention`) so that the kernel keeps its causal fast path.
+  and in every cached decode step: through an additive mask, except in unpadded prompt layers of at least
+  `runtime.attention.CHANNEL_MIN_TOKENS` slots on SDPA models, where it rides in an extra attention channel
+  so that the kernel keeps its causal fast path.
 """
 
 from __future__ import annotations
